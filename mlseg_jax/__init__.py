@@ -1,0 +1,6 @@
+"""mlseg_jax: Segmenter + MLSeg (multi-label top-k classification) in JAX/Flax."""
+
+# One ignore value inside the whole pipeline, whatever the dataset writes on disk
+# (255 for ADE20K/COCO-Stuff/Pascal, -1 for ADE20K-Full/COCO+LVIS). 255 cannot serve:
+# it is a real class id for the 847- and 1284-class datasets.
+IGNORE_LABEL = -1

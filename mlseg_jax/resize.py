@@ -1,0 +1,99 @@
+"""Resizing that matches PyTorch's `F.interpolate(..., align_corners=False)`.
+
+`jax.image.resize` differs from PyTorch in two ways that matter here: its cubic kernel
+uses a = -0.5 (PyTorch: a = -0.75) and it antialiases when shrinking (PyTorch does not).
+Position embeddings resized from 24x24 to 32x32, logits upsampled from 1/16 to label size
+and predictions shrunk back to the original image must all match the reference, so both
+kernels are written out here as separable interpolation matrices.
+
+The matrices are built in NumPy from static shapes and applied with one einsum per axis,
+which XLA turns into two small matmuls (fast on every backend, exact in float32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+_CUBIC_A = -0.75  # PyTorch's bicubic coefficient.
+
+
+def _source_coords(in_size: int, out_size: int) -> np.ndarray:
+  """Half-pixel source coordinate of each output pixel (align_corners=False)."""
+  scale = in_size / out_size
+  return (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+
+
+@functools.lru_cache(maxsize=256)
+def linear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) matrix of PyTorch's linear interpolation weights."""
+  src = np.maximum(_source_coords(in_size, out_size), 0.0)  # PyTorch clamps at 0.
+  i0 = np.floor(src).astype(np.int64)
+  i0 = np.minimum(i0, in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  frac = src - i0
+  m = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  np.add.at(m, (rows, i0), 1.0 - frac)
+  np.add.at(m, (rows, i1), frac)
+  return m.astype(np.float32)
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+  """Keys cubic weights for offsets -1, 0, 1, 2 at fractional position t: (n, 4)."""
+  a = _CUBIC_A
+
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+@functools.lru_cache(maxsize=256)
+def cubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) matrix of PyTorch's bicubic weights (border replicated)."""
+  src = _source_coords(in_size, out_size)  # Not clamped for cubic, as in PyTorch.
+  i = np.floor(src).astype(np.int64)
+  w = _cubic_weights(src - i)
+  m = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  for k in range(4):
+    idx = np.clip(i - 1 + k, 0, in_size - 1)
+    np.add.at(m, (rows, idx), w[:, k])
+  return m.astype(np.float32)
+
+
+def _resize(x, size, matrix_fn, spatial_axes):
+  ah, aw = spatial_axes
+  out_h, out_w = size
+  in_h, in_w = x.shape[ah], x.shape[aw]
+  dtype = x.dtype
+  if (in_h, in_w) == (out_h, out_w):
+    return x
+  compute = jnp.promote_types(dtype, jnp.float32)
+  x = x.astype(compute)
+  if in_h != out_h:
+    mh = jnp.asarray(matrix_fn(in_h, out_h), compute)
+    x = jnp.moveaxis(jnp.tensordot(mh, x, axes=[[1], [ah]]), 0, ah)
+  if in_w != out_w:
+    mw = jnp.asarray(matrix_fn(in_w, out_w), compute)
+    x = jnp.moveaxis(jnp.tensordot(mw, x, axes=[[1], [aw]]), 0, aw)
+  return x.astype(dtype)
+
+
+def resize_bilinear(x, size, spatial_axes=(-3, -2)):
+  """Bilinear resize of `x` (channels-last by default) to `size` = (H, W).
+
+  Same numbers as `F.interpolate(mode="bilinear", align_corners=False)`, no antialias.
+  """
+  return _resize(x, size, linear_matrix, spatial_axes)
+
+
+def resize_bicubic(x, size, spatial_axes=(-3, -2)):
+  """Bicubic resize matching `F.interpolate(mode="bicubic", align_corners=False)`."""
+  return _resize(x, size, cubic_matrix, spatial_axes)
