@@ -1,0 +1,1 @@
+"""Flax models: ViT backbone, Segmenter decoders, MLSeg heads."""

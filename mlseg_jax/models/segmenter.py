@@ -1,0 +1,110 @@
+"""Segmenter: ViT backbone + decode head, and the model factory used by every config.
+
+`Segmenter(images) -> dict` holds "logits" (B, H/16, W/16, n_cls) on the padded token grid,
+plus whatever the head adds (MLSeg: "image_logits", "topk_index", "rank_logits").
+`upsample_logits` brings logits to label size as mmseg's `resize(mode="bilinear",
+align_corners=False)` does: the padded grid is resized straight to the image size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from mlseg_jax.models import mask_transformer
+from mlseg_jax.models.vit import VARIANTS, ViT
+from mlseg_jax.resize import resize_bilinear
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Segmenter(nn.Module):
+  backbone: nn.Module
+  decode_head: nn.Module
+
+  def __call__(self, images, *, train: bool = False, labels=None):
+    tokens, aux = self.backbone(images, train=train)
+    out = self.decode_head(tokens, aux.get("class_tokens"), train=train, labels=labels)
+    return dict(out, tokens=tokens)
+
+
+def upsample_logits(logits, size):
+  """(B, h, w, C) -> (B, *size, C), bilinear, align_corners=False, in float32."""
+  return resize_bilinear(logits.astype(jnp.float32), tuple(size))
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """Every field a model config may set; configs start from this (unknown keys fail)."""
+  c = ml_collections.ConfigDict()
+  c.num_classes = 150
+  c.backbone = "B/16"
+  c.img_size = (512, 512)  # Grid the position embedding is stored for (mmseg img_size).
+  c.drop_path_rate = 0.1
+  c.decoder = "mask_transformer"  # See DECODERS.
+  c.d_model = 768
+  c.n_layers = 2
+  c.n_heads = 12
+  c.d_ff = 3072
+  c.dropout = 0.1
+  c.decoder_drop_path_rate = 0.0
+  # MLSeg (REFERENCE.md §3); read only by the mlseg* decoders.
+  c.topk = 50
+  c.downsample = 8  # Pooled grid of the multi-label branch; 0 = all patch tokens.
+  c.img_loss = "bce"  # "bce" or "asl".
+  c.gamma_neg = 0.0
+  c.gamma_pos = 0.0
+  c.img_loss_weight = 10.0
+  # OCE (REFERENCE.md §4): class embeddings from the backbone.
+  c.oce = False
+  c.oce_start_layer = 11
+  c.oce_init = "zeros"
+  # Numerics and memory.
+  c.dtype = "float32"
+  c.remat = False
+  c.attention_impl = ml_collections.config_dict.placeholder(str)  # None, "xla", "cudnn".
+  return c
+
+
+def _mask_transformer(c, dtype):
+  return mask_transformer.MaskTransformer(
+      num_classes=c.num_classes, d_model=c.d_model, n_layers=c.n_layers,
+      n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
+      drop_path_rate=c.decoder_drop_path_rate, dtype=dtype,
+      attention_impl=c.attention_impl)
+
+
+def _linear(c, dtype):
+  return mask_transformer.LinearDecoder(num_classes=c.num_classes, dtype=dtype)
+
+
+# decoder name -> factory(model_config, dtype). The MLSeg heads register in mlseg.py.
+DECODERS = {
+    "mask_transformer": _mask_transformer,
+    "linear": _linear,
+}
+
+
+def build_model(c: ml_collections.ConfigDict) -> Segmenter:
+  """The Segmenter of a model config (`config.model`)."""
+  from mlseg_jax.models import mlseg  # noqa: F401  (registers the MLSeg decoders)
+
+  if c.backbone not in VARIANTS:
+    raise ValueError(f"model.backbone={c.backbone!r} is not one of {sorted(VARIANTS)}")
+  if c.decoder not in DECODERS:
+    raise ValueError(f"model.decoder={c.decoder!r} is not one of {sorted(DECODERS)}")
+  if c.dtype not in DTYPES:
+    raise ValueError(f"model.dtype={c.dtype!r} is not one of {sorted(DTYPES)}")
+  dtype = DTYPES[c.dtype]
+  backbone = ViT(
+      variant=c.backbone, img_size=tuple(c.img_size), drop_path_rate=c.drop_path_rate,
+      num_class_tokens=c.num_classes if c.oce else 0,
+      class_token_start_layer=c.oce_start_layer, class_token_init=c.oce_init,
+      remat=c.remat, dtype=dtype, attention_impl=c.attention_impl)
+  return Segmenter(backbone=backbone, decode_head=DECODERS[c.decoder](c, dtype))
+
+
+def model_dtype(c: ml_collections.ConfigDict) -> Any:
+  return DTYPES[c.dtype]

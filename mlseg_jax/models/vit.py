@@ -1,0 +1,211 @@
+"""Vision Transformer backbone, as the Segmenter configs of the reference use it.
+
+REFERENCE.md §1: pre-norm blocks, exact (erf) GELU, LayerNorm eps 1e-6, qkv with bias, a
+[CLS] token, a learned position embedding over [CLS; patches], linearly spaced stochastic
+depth, a final LayerNorm, and input padded (bottom/right, zeros) to a multiple of the patch.
+
+Parameter names follow timm's (`blocks_N/norm1`, `attn/qkv`, `mlp/fc1`, ...), so the
+converters in `mlseg_jax/convert.py` are short tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlseg_jax.resize import resize_bicubic
+
+VARIANTS = {
+    # name: (width, depth, heads, patch)
+    "Ti/16": (192, 12, 3, 16),
+    "S/16": (384, 12, 6, 16),
+    "B/16": (768, 12, 12, 16),
+    "L/16": (1024, 24, 16, 16),
+    "B/8": (768, 12, 12, 8),
+}
+
+Dtype = Any
+
+
+def trunc_normal(stddev=0.02):
+  # PyTorch's trunc_normal_ cuts at +-2 (absolute), which is +-100 std at std 0.02: in
+  # effect a plain normal. flax's truncated_normal cuts at +-2 std; the difference only
+  # matters for training from scratch and is documented in README.
+  return nn.initializers.truncated_normal(stddev)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per sample."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (timm / Segmenter layout)."""
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None  # None: XLA picks; "cudnn" on GPUs; "xla".
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    b, n, d = x.shape
+    h = self.num_heads
+    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=trunc_normal(), name="qkv")(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, N, H, Dh)
+    if train and self.dropout > 0.0:
+      # Dropout on the attention probabilities (the Segmenter decoder trains with 0.1)
+      # needs the probabilities themselves, so the fused kernel cannot be used here.
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d // h) ** -0.5
+      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+      probs = nn.Dropout(self.dropout)(probs, deterministic=False)
+      y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    else:
+      y = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    y = y.reshape(b, n, d)
+    y = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal(), name="proj")(y)
+    return nn.Dropout(self.dropout)(y, deterministic=not train)
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    d = x.shape[-1]
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=trunc_normal(), name="fc1")(x)
+    y = nn.gelu(y, approximate=False)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal(), name="fc2")(y)
+    return nn.Dropout(self.dropout)(y, deterministic=not train)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block, shared by the ViT and the mask transformer."""
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  drop_path: float = 0.0
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm1")(x)
+    y = SelfAttention(self.num_heads, self.dropout, self.dtype, self.attention_impl,
+                      name="attn")(y, train=train)
+    x = x + DropPath(self.drop_path)(y, train=train)
+    y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm2")(x)
+    y = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train=train)
+    return x + DropPath(self.drop_path)(y, train=train)
+
+
+def resize_pos_embed(pos_embed, new_grid: Sequence[int], old_grid: Sequence[int]):
+  """Resizes a (1, 1 + gh*gw, D) position embedding; the [CLS] entry is kept as is.
+
+  PyTorch's bicubic (a = -0.75, align_corners=False, no antialias), as mmseg's
+  `resize_pos_embed` and timm's `resample_abs_pos_embed` use it.
+  """
+  new_grid, old_grid = tuple(new_grid), tuple(old_grid)
+  if new_grid == old_grid:
+    return pos_embed
+  cls_entry, grid = pos_embed[:, :1], pos_embed[:, 1:]
+  if grid.shape[1] != old_grid[0] * old_grid[1]:
+    raise ValueError(f"pos_embed has {grid.shape[1]} grid entries, expected "
+                     f"{old_grid[0]}x{old_grid[1]}")
+  grid = grid.reshape(1, old_grid[0], old_grid[1], -1)
+  grid = resize_bicubic(grid.astype(jnp.float32), new_grid).astype(pos_embed.dtype)
+  return jnp.concatenate([cls_entry, grid.reshape(1, new_grid[0] * new_grid[1], -1)], 1)
+
+
+class ViT(nn.Module):
+  """ViT encoder returning the final-normed patch tokens on their (gh, gw) grid.
+
+  Attributes:
+    img_size: the training crop the position embedding is stored for (mmseg's
+      `img_size`); other inputs resize it on the fly.
+    num_class_tokens / class_token_start_layer: OCE (REFERENCE.md §4). n_cls tokens,
+      without position embedding, join the sequence before that layer.
+  """
+  variant: str = "B/16"
+  img_size: Sequence[int] = (512, 512)
+  drop_path_rate: float = 0.1
+  num_class_tokens: int = 0
+  class_token_start_layer: int = 0
+  class_token_init: str = "zeros"  # "zeros" with pretrained weights, "trunc_normal" from scratch.
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @property
+  def width(self):
+    return VARIANTS[self.variant][0]
+
+  @property
+  def patch_size(self):
+    return VARIANTS[self.variant][3]
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"unknown ViT variant {self.variant!r}; known: {sorted(VARIANTS)}")
+    width, depth, heads, p = VARIANTS[self.variant]
+    b, h, w, _ = images.shape
+    # Pad bottom/right to a multiple of the patch, as mmseg's PatchEmbed does.
+    pad_h, pad_w = -h % p, -w % p
+    if pad_h or pad_w:
+      images = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    grid = ((h + pad_h) // p, (w + pad_w) // p)
+    stored_grid = (self.img_size[0] // p, self.img_size[1] // p)
+
+    x = nn.Conv(width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                name="embedding")(images.astype(self.dtype))
+    x = x.reshape(b, grid[0] * grid[1], width)  # (B, N, D)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)).astype(x.dtype), x], 1)
+    pos = self.param("pos_embedding", trunc_normal(),
+                     (1, 1 + stored_grid[0] * stored_grid[1], width))
+    x = x + resize_pos_embed(pos, grid, stored_grid).astype(x.dtype)
+
+    class_tokens = None
+    if self.num_class_tokens:
+      init = (nn.initializers.zeros if self.class_token_init == "zeros"
+              else trunc_normal())
+      class_tokens = self.param("cls_emb", init, (1, self.num_class_tokens, width))
+      if not 0 <= self.class_token_start_layer < depth:
+        raise ValueError(f"class_token_start_layer={self.class_token_start_layer} "
+                         f"outside the {depth} layers of {self.variant}")
+
+    block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    rates = np.linspace(0.0, self.drop_path_rate, depth)
+    for i in range(depth):
+      if class_tokens is not None and i == self.class_token_start_layer:
+        x = jnp.concatenate(
+            [x, jnp.broadcast_to(class_tokens, (b,) + class_tokens.shape[1:]).astype(x.dtype)], 1)
+      x = block(heads, 4 * width, 0.0, float(rates[i]), 1e-6, self.dtype,
+                self.attention_impl, name=f"blocks_{i}")(x, train)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+
+    aux = {}
+    if class_tokens is not None:
+      aux["class_tokens"] = x[:, -self.num_class_tokens:]  # (B, n_cls, D)
+      x = x[:, :-self.num_class_tokens]
+    aux["cls_token"] = x[:, 0]
+    tokens = x[:, 1:].reshape(b, grid[0], grid[1], width)  # (B, gh, gw, D)
+    return tokens, aux
