@@ -21,29 +21,34 @@ _CUBIC_A = -0.75  # PyTorch's bicubic coefficient.
 
 
 def _source_coords(in_size: int, out_size: int) -> np.ndarray:
-  """Half-pixel source coordinate of each output pixel (align_corners=False)."""
-  scale = in_size / out_size
-  return (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+  """Half-pixel source coordinate of each output pixel (align_corners=False).
+
+  In float32, step by step as ATen computes it for float tensors: the last bits of the
+  coordinate move the interpolated values by ~1e-5.
+  """
+  f32 = np.float32
+  scale = f32(in_size) / f32(out_size)
+  return scale * (np.arange(out_size, dtype=f32) + f32(0.5)) - f32(0.5)
 
 
 @functools.lru_cache(maxsize=256)
 def linear_matrix(in_size: int, out_size: int) -> np.ndarray:
   """(out_size, in_size) matrix of PyTorch's linear interpolation weights."""
-  src = np.maximum(_source_coords(in_size, out_size), 0.0)  # PyTorch clamps at 0.
-  i0 = np.floor(src).astype(np.int64)
-  i0 = np.minimum(i0, in_size - 1)
+  src = np.maximum(_source_coords(in_size, out_size), np.float32(0))  # PyTorch clamps at 0.
+  i0 = np.minimum(src.astype(np.int64), in_size - 1)
   i1 = np.minimum(i0 + 1, in_size - 1)
-  frac = src - i0
+  frac = np.clip(src - i0.astype(np.float32), 0, 1)
   m = np.zeros((out_size, in_size), np.float64)
   rows = np.arange(out_size)
-  np.add.at(m, (rows, i0), 1.0 - frac)
+  np.add.at(m, (rows, i0), np.float32(1) - frac)
   np.add.at(m, (rows, i1), frac)
   return m.astype(np.float32)
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
   """Keys cubic weights for offsets -1, 0, 1, 2 at fractional position t: (n, 4)."""
-  a = _CUBIC_A
+  a = np.float32(_CUBIC_A)
+  t = t.astype(np.float32)
 
   def near(x):  # |x| <= 1
     return ((a + 2) * x - (a + 3)) * x * x + 1
@@ -51,7 +56,8 @@ def _cubic_weights(t: np.ndarray) -> np.ndarray:
   def far(x):  # 1 < |x| < 2
     return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
-  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+  one = np.float32(1)
+  return np.stack([far(t + one), near(t), near(one - t), far((one - t) + one)], axis=-1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -59,7 +65,7 @@ def cubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   """(out_size, in_size) matrix of PyTorch's bicubic weights (border replicated)."""
   src = _source_coords(in_size, out_size)  # Not clamped for cubic, as in PyTorch.
   i = np.floor(src).astype(np.int64)
-  w = _cubic_weights(src - i)
+  w = _cubic_weights(src - i.astype(np.float32))
   m = np.zeros((out_size, in_size), np.float64)
   rows = np.arange(out_size)
   for k in range(4):

@@ -41,6 +41,10 @@ def default_model_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.num_classes = 150
   c.backbone = "B/16"
+  # Overrides of the variant's width / depth / heads (None: the variant's), for tiny models.
+  c.backbone_width = ml_collections.config_dict.placeholder(int)
+  c.backbone_depth = ml_collections.config_dict.placeholder(int)
+  c.backbone_heads = ml_collections.config_dict.placeholder(int)
   c.img_size = (512, 512)  # Grid the position embedding is stored for (mmseg img_size).
   c.drop_path_rate = 0.1
   c.decoder = "mask_transformer"  # See DECODERS.
@@ -99,7 +103,8 @@ def build_model(c: ml_collections.ConfigDict) -> Segmenter:
     raise ValueError(f"model.dtype={c.dtype!r} is not one of {sorted(DTYPES)}")
   dtype = DTYPES[c.dtype]
   backbone = ViT(
-      variant=c.backbone, img_size=tuple(c.img_size), drop_path_rate=c.drop_path_rate,
+      variant=c.backbone, width_override=c.backbone_width,
+      depth_override=c.backbone_depth, heads_override=c.backbone_heads, img_size=tuple(c.img_size), drop_path_rate=c.drop_path_rate,
       num_class_tokens=c.num_classes if c.oce else 0,
       class_token_start_layer=c.oce_start_layer, class_token_init=c.oce_init,
       remat=c.remat, dtype=dtype, attention_impl=c.attention_impl)

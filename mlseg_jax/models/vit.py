@@ -144,6 +144,10 @@ class ViT(nn.Module):
       without position embedding, join the sequence before that layer.
   """
   variant: str = "B/16"
+  # Overrides of the variant's numbers, for tiny test and quickstart models.
+  width_override: Optional[int] = None
+  depth_override: Optional[int] = None
+  heads_override: Optional[int] = None
   img_size: Sequence[int] = (512, 512)
   drop_path_rate: float = 0.1
   num_class_tokens: int = 0
@@ -154,18 +158,19 @@ class ViT(nn.Module):
   attention_impl: Optional[str] = None
 
   @property
-  def width(self):
-    return VARIANTS[self.variant][0]
-
-  @property
-  def patch_size(self):
-    return VARIANTS[self.variant][3]
+  def dims(self):
+    """(width, depth, heads, patch) after overrides."""
+    if self.variant not in VARIANTS:
+      raise ValueError(f"unknown ViT variant {self.variant!r}; known: {sorted(VARIANTS)}")
+    width, depth, heads, patch = VARIANTS[self.variant]
+    return (self.width_override or width, self.depth_override or depth,
+            self.heads_override or heads, patch)
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    if self.variant not in VARIANTS:
-      raise ValueError(f"unknown ViT variant {self.variant!r}; known: {sorted(VARIANTS)}")
-    width, depth, heads, p = VARIANTS[self.variant]
+    width, depth, heads, p = self.dims
+    if width % heads:
+      raise ValueError(f"ViT width {width} is not divisible by {heads} heads")
     b, h, w, _ = images.shape
     # Pad bottom/right to a multiple of the patch, as mmseg's PatchEmbed does.
     pad_h, pad_w = -h % p, -w % p

@@ -1,0 +1,303 @@
+"""The reference's image transforms (mmseg 0.17 `datasets/pipelines/transforms.py`), in NumPy.
+
+Each works on one record and draws its randomness from the `np.random.Generator` it is given,
+so what happens to a record depends only on the seed Grain derives for its pipeline position.
+Images are uint8 RGB until `normalize`; labels are int32 train ids with IGNORE_LABEL.
+
+Where the reference calls OpenCV we state OpenCV's rule and compute it here:
+- image resize: cv2.INTER_LINEAR's rule (half-pixel centres, edge clamp, no antialiasing),
+  computed in float32 and rounded, so a pixel can differ from OpenCV's fixed-point result by 1;
+- label resize: cv2.INTER_NEAREST's rule, source index floor(dst * src_size / dst_size), exact;
+- HSV: cv2's 8-bit RGB<->HSV conversions (H in 0..179), integer tables and float32 as OpenCV
+  computes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from mlseg_jax import IGNORE_LABEL
+
+Box = tuple[int, int, int, int]  # (y0, y1, x0, x1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resize.
+
+def rescale_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:
+  """mmcv's keep-ratio rule: the largest size with long side <= max(scale), short side <=
+  min(scale); returns (new_h, new_w) rounded half up as mmcv does."""
+  factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+  return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)
+
+
+def sample_scale(rng: np.random.Generator, img_scale: Sequence[int],
+                 ratio_range: Sequence[float]) -> tuple[int, int]:
+  """mmseg's `random_sample_ratio`: img_scale times a ratio drawn uniformly from the range."""
+  lo, hi = ratio_range
+  ratio = rng.random() * (hi - lo) + lo
+  return int(img_scale[0] * ratio), int(img_scale[1] * ratio)
+
+
+def resized_shape(h: int, w: int, scale: Sequence[int], keep_ratio: bool) -> tuple[int, int]:
+  """(new_h, new_w) for mmseg's Resize; without keep_ratio `scale` is (w, h) as in mmcv."""
+  return rescale_size(h, w, scale) if keep_ratio else (int(scale[1]), int(scale[0]))
+
+
+def _linear_taps(in_size: int, out_size: int, start: int, stop: int):
+  """Source rows (i0, i1) and weight of i1 for output pixels start..stop-1 (INTER_LINEAR)."""
+  src = (np.arange(start, stop, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+  src = np.maximum(src, 0.0)  # Left of the first centre: the first pixel.
+  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)  # Right of the last centre: the last pixel.
+  return i0, i1, (src - i0).astype(np.float32)
+
+
+def resize_image(image: np.ndarray, out_h: int, out_w: int, window: Box | None = None):
+  """Bilinear resize of uint8 (H, W, C) to (out_h, out_w), or only the `window` of the output.
+
+  Every output pixel depends only on its own coordinates, so the window equals the same crop
+  of the full resize; training resizes just the crop it keeps.
+  """
+  in_h, in_w = image.shape[:2]
+  y0, y1, x0, x1 = window or (0, out_h, 0, out_w)
+  i0, i1, fy = _linear_taps(in_h, out_h, y0, y1)
+  j0, j1, fx = _linear_taps(in_w, out_w, x0, x1)
+  # Only the source columns the window reaches, before the row pass.
+  c0, c1 = int(j0.min()), int(j1.max()) + 1
+  img = image[:, c0:c1]
+  fy = fy[:, None, None]
+  rows = img[i0].astype(np.float32) * (1.0 - fy) + img[i1].astype(np.float32) * fy
+  fx = fx[None, :, None]
+  out = rows[:, j0 - c0] * (1.0 - fx) + rows[:, j1 - c0] * fx
+  return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+
+
+def resize_label(label: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """cv2.INTER_NEAREST: output pixel d takes source pixel floor(d * in / out)."""
+  in_h, in_w = label.shape[:2]
+  rows = np.minimum(np.floor(np.arange(out_h) * (1.0 / (out_h / in_h))).astype(np.int64),
+                    in_h - 1)
+  cols = np.minimum(np.floor(np.arange(out_w) * (1.0 / (out_w / in_w))).astype(np.int64),
+                    in_w - 1)
+  return label[rows[:, None], cols[None, :]]
+
+
+def resize(image: np.ndarray, label: np.ndarray | None, scale: Sequence[int],
+           keep_ratio: bool = True):
+  """mmseg Resize with a fixed scale: image bilinear, label nearest."""
+  h, w = resized_shape(*image.shape[:2], scale, keep_ratio)
+  return resize_image(image, h, w), None if label is None else resize_label(label, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crop, flip, pad.
+
+def sample_crop_box(rng: np.random.Generator, shape: Sequence[int],
+                    crop_size: Sequence[int]) -> Box:
+  """mmseg's `get_crop_bbox`: a uniform offset in each margin (0 where the image is smaller)."""
+  margin_h = max(shape[0] - crop_size[0], 0)
+  margin_w = max(shape[1] - crop_size[1], 0)
+  oy = int(rng.integers(0, margin_h + 1))
+  ox = int(rng.integers(0, margin_w + 1))
+  return oy, oy + crop_size[0], ox, ox + crop_size[1]
+
+
+def crop_is_varied(label_crop: np.ndarray, cat_max_ratio: float) -> bool:
+  """mmseg's acceptance test: more than one class, none above cat_max_ratio (ignore not
+  counted)."""
+  counts = np.bincount(label_crop.ravel() + 1)[1:]  # IGNORE_LABEL (-1) lands in bin 0.
+  counts = counts[counts > 0]
+  return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
+
+
+def choose_crop_box(rng: np.random.Generator, label: np.ndarray, crop_size: Sequence[int],
+                    cat_max_ratio: float) -> Box:
+  """RandomCrop's box: with cat_max_ratio < 1, up to 10 draws are tested and the first that
+  passes is kept; after 10 failures an 11th draw is taken untested (the reference's loop)."""
+  box = sample_crop_box(rng, label.shape, crop_size)
+  if cat_max_ratio < 1.0:
+    for _ in range(10):
+      y0, y1, x0, x1 = box
+      if crop_is_varied(label[y0:y1, x0:x1], cat_max_ratio):
+        break
+      box = sample_crop_box(rng, label.shape, crop_size)
+  return box
+
+
+def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                crop_size: Sequence[int], cat_max_ratio: float = 1.0):
+  y0, y1, x0, x1 = choose_crop_box(rng, label, crop_size, cat_max_ratio)
+  return image[y0:y1, x0:x1], label[y0:y1, x0:x1]
+
+
+def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                prob: float = 0.5):
+  """Horizontal flip of image and label together with probability `prob`."""
+  if rng.random() < prob:
+    return image[:, ::-1], label[:, ::-1]
+  return image, label
+
+
+def pad_to(image: np.ndarray, label: np.ndarray | None, size: Sequence[int]):
+  """Pad bottom and right up to `size` (h, w): image with 0, label with IGNORE_LABEL."""
+  ph, pw = max(size[0] - image.shape[0], 0), max(size[1] - image.shape[1], 0)
+  if ph or pw:
+    image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
+    if label is not None:
+      label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE_LABEL)
+  return image, label
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """(image - mean) / std per RGB channel, float32 (mmcv multiplies by 1 / std)."""
+  mean = np.asarray(mean, np.float32)
+  inv_std = (1.0 / np.asarray(std, np.float64)).astype(np.float32)
+  return (image.astype(np.float32) - mean) * inv_std
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour: PhotoMetricDistortion and OpenCV's 8-bit HSV.
+
+_HSV_SHIFT = 12
+_V = np.arange(256, dtype=np.float64)
+# cv2's tables: round((255 << 12) / v) and round((180 << 12) / (6 * diff)), 0 at 0.
+_SAT_DIV = np.concatenate([[0], np.rint((255 << _HSV_SHIFT) / _V[1:])]).astype(np.int64)
+_HUE_DIV = np.concatenate([[0], np.rint((180 << _HSV_SHIFT) / (6.0 * _V[1:]))]).astype(np.int64)
+
+
+def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
+  """cv2.cvtColor(RGB2HSV) on uint8: H in 0..179, S and V in 0..255."""
+  rgb = image.astype(np.int64)
+  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+  v = rgb.max(axis=-1)
+  diff = v - rgb.min(axis=-1)
+  s = (diff * _SAT_DIV[v] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
+  h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+  h = (h * _HUE_DIV[diff] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
+  h = np.where(h < 0, h + 180, h)
+  return np.stack([h, s, v], axis=-1).astype(np.uint8)
+
+
+# Which of (v, v(1-s), v(1-s f), v(1-s(1-f))) each of R, G, B takes in the six hue sectors.
+_SECTOR_RGB = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+  """cv2.cvtColor(HSV2RGB) on uint8 (H in 0..179), float32 arithmetic as OpenCV does it."""
+  h = hsv[..., 0].astype(np.float32) * np.float32(6.0 / 180.0)
+  s = hsv[..., 1].astype(np.float32) * np.float32(1.0 / 255.0)
+  v = hsv[..., 2].astype(np.float32) * np.float32(1.0 / 255.0)
+  h = np.where(h >= 6, h - 6, h)
+  sector = np.floor(h).astype(np.int64)
+  f = h - sector.astype(np.float32)
+  sector = np.clip(sector, 0, 5)
+  one = np.float32(1.0)
+  tab = np.stack([v, v * (one - s), v * (one - s * f), v * (one - s * (one - f))], axis=-1)
+  idx = _SECTOR_RGB[sector]  # (..., 3)
+  rgb = np.take_along_axis(tab, idx, axis=-1)
+  rgb = np.where((s == 0)[..., None], v[..., None], rgb)
+  return np.clip(np.rint(rgb * np.float32(255.0)), 0, 255).astype(np.uint8)
+
+
+def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+  """x * alpha + beta in float32, clipped to 0..255 and truncated to uint8 (the reference)."""
+  return np.clip(x.astype(np.float32) * np.float32(alpha) + np.float32(beta), 0, 255).astype(
+      np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotoMetricDistortion:
+  """Brightness, then contrast before or after (coin) the saturation and hue changes in HSV;
+  each change applied with probability 1/2, as mmseg's PhotoMetricDistortion."""
+  brightness_delta: int = 32
+  contrast_range: tuple[float, float] = (0.5, 1.5)
+  saturation_range: tuple[float, float] = (0.5, 1.5)
+  hue_delta: int = 18
+
+  def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if rng.integers(2):
+      image = _convert(image, beta=rng.uniform(-self.brightness_delta, self.brightness_delta))
+    contrast_first = rng.integers(2) == 1
+    if contrast_first:
+      image = self._contrast(image, rng)
+    if rng.integers(2):
+      hsv = rgb_to_hsv(image)
+      hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*self.saturation_range))
+      image = hsv_to_rgb(hsv)
+    if rng.integers(2):
+      hsv = rgb_to_hsv(image)
+      # numpy's randint(-d, d) as in the reference: -d..d-1.
+      shift = int(rng.integers(-self.hue_delta, self.hue_delta))
+      hsv[..., 0] = (hsv[..., 0].astype(np.int64) + shift) % 180
+      image = hsv_to_rgb(hsv)
+    if not contrast_first:
+      image = self._contrast(image, rng)
+    return image
+
+  def _contrast(self, image, rng):
+    if rng.integers(2):
+      return _convert(image, alpha=rng.uniform(*self.contrast_range))
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# The training and test pipelines of one record.
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform:
+  """Resize (random ratio, keep ratio) -> RandomCrop(cat_max_ratio) -> RandomFlip ->
+  PhotoMetricDistortion -> Normalize -> Pad, as every reference Segmenter config trains.
+
+  The label is resized first and the crop chosen on it; the image is then resized only inside
+  the crop (same pixels as resizing all of it, far less work). Random draws happen in the
+  reference's order: ratio, crop offsets, flip, photometric.
+  """
+  crop_size: tuple[int, int]
+  img_scale: tuple[int, int]
+  ratio_range: tuple[float, float] | None
+  cat_max_ratio: float
+  flip_prob: float
+  photometric: bool
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    image, label = record["image"], record["label"]
+    scale = (sample_scale(rng, self.img_scale, self.ratio_range) if self.ratio_range
+             else self.img_scale)
+    h, w = rescale_size(*image.shape[:2], scale)
+    label = resize_label(label, h, w)
+    box = choose_crop_box(rng, label, self.crop_size, self.cat_max_ratio)
+    y0, y1, x0, x1 = box
+    label = label[y0:y1, x0:x1]
+    box = (y0, min(y1, h), x0, min(x1, w))
+    image = resize_image(image, h, w, window=box)
+    image, label = random_flip(image, label, rng, self.flip_prob)
+    if self.photometric:
+      image = PhotoMetricDistortion()(image, rng)
+    image = normalize(image, self.mean, self.std)
+    image, label = pad_to(image, label, self.crop_size)
+    return {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TestTransform:
+  """Whole image resized with keep ratio to `test_scale` and normalised; the label is kept at
+  the original resolution, where the reference scores predictions."""
+  test_scale: tuple[int, int]
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+
+  def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+    image = record["image"]
+    h, w = rescale_size(*image.shape[:2], self.test_scale)
+    return {
+        "image": normalize(resize_image(image, h, w), self.mean, self.std),
+        "label": record["label"],
+        "name": record["name"],
+        "orig_size": np.asarray(image.shape[:2], np.int32),
+    }
