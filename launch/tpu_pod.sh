@@ -195,7 +195,7 @@ install_on_workers() {
   on_workers all "set -e; $python -c 'import venv, ensurepip' 2>/dev/null \
 || { $apt update && $apt install -y $python-venv; }; \
 $python -m venv $remote_venv; $remote_venv/bin/pip install -q --upgrade pip; \
-cd $remote_repo && $remote_venv/bin/pip install -q -r $(quote "$requirements") 'jax[tpu]'"
+cd $remote_repo && $remote_venv/bin/pip install -q -r $(quote "$requirements") 'jax[tpu]' gcsfs"
 }
 
 refuse_if_running() {

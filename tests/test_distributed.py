@@ -202,7 +202,7 @@ def _worker_env(port, process_id):
            if not f.startswith("--xla_force_host_platform_device_count")]
   env.pop("JAX_NUM_CPU_DEVICES", None)
   env.update(XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]),
-             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(REPO)] + sys.path),
+             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
              MLSEG_COORDINATOR=f"127.0.0.1:{port}", MLSEG_NUM_PROCESSES="2",
              MLSEG_PROCESS_ID=str(process_id))
   return env

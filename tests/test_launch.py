@@ -122,7 +122,7 @@ def test_tpu_slice_dry_run_creates_installs_and_runs_on_all_workers(fake_bin, ac
   assert _flag(scp, "--worker") == "all"
   ssh = _ssh_commands(commands)
   installs = [cmd for worker, cmd in ssh if "pip install" in cmd]
-  assert len(installs) == 1 and "-r requirements.txt 'jax[tpu]'" in installs[0]
+  assert len(installs) == 1 and "-r requirements.txt 'jax[tpu]' gcsfs" in installs[0]
   runs = [(worker, cmd) for worker, cmd in ssh if "mlseg_jax.main" in cmd]
   assert len(runs) == 1 and runs[0][0] == "all"
   assert _training_argv(runs[0][1]) == [
