@@ -1,0 +1,21 @@
+"""REFERENCE.md §7: segmenter_mlseg_vit_b16_480_80k_pascal_context."""
+
+from configs.common import paper_row
+
+
+def get_config():
+  return paper_row(
+      dataset='pascal_context',
+      backbone='B/16',
+      crop=480,
+      iters=80_000,
+      decoder='mlseg',
+      topk=25,
+      img_loss='asl',
+      gamma_neg=2.0,
+      gamma_pos=0.0,
+      img_loss_weight=5.0,
+      weight_decay=1e-06,
+      miou_ss=54.7,
+      miou_ms=55.4,
+  )

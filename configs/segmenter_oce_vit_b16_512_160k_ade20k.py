@@ -1,0 +1,15 @@
+"""REFERENCE.md §7: segmenter_oce_vit_b16_512_160k_ade20k."""
+
+from configs.common import paper_row
+
+
+def get_config():
+  return paper_row(
+      dataset='ade20k',
+      backbone='B/16',
+      crop=512,
+      iters=160_000,
+      decoder='mask_transformer',
+      oce=True,
+      miou_ss=48.8,
+  )

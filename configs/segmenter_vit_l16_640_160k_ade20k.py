@@ -1,0 +1,15 @@
+"""REFERENCE.md §7: segmenter_vit_l16_640_160k_ade20k."""
+
+from configs.common import paper_row
+
+
+def get_config():
+  return paper_row(
+      dataset='ade20k',
+      backbone='L/16',
+      crop=640,
+      iters=160_000,
+      decoder='mask_transformer',
+      miou_ss=52.0,
+      miou_ms=53.6,
+  )

@@ -1,0 +1,108 @@
+r"""Entry point: `python -m mlseg_jax.main --config configs/NAME.py --workdir DIR`.
+
+Modes:
+  train    train (or resume) the config in --workdir, then evaluate the final weights.
+  eval     evaluate the workdir's latest checkpoint (or --config.init_from) on the config's
+           validation split; --config.eval.multi_scale=True for multi-scale + flip.
+  predict  colour-coded masks and overlays for --images (a file or a directory) in --output.
+
+Overrides: any config field from the command line, e.g. `--config.train.batch_size=16
+--config.model.topk=25`. Unknown fields are refused.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Config files import `configs.common`: make the repository root importable wherever the
+# command is started from.
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+  sys.path.insert(0, str(_REPO))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, TensorBoard, results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
+_IMAGES = flags.DEFINE_string("images", None, "predict: an image file or a directory.")
+_OUTPUT = flags.DEFINE_string("output", None, "predict: where the pictures go.")
+
+
+def validate_config(config, num_devices: int | None = None) -> None:
+  """Refuses inconsistent values with a message naming the fields."""
+  import jax
+
+  from mlseg_jax.models.vit import VARIANTS
+
+  problems = []
+  m, d, t = config.model, config.data, config.train
+  patch = VARIANTS[m.backbone][3] if m.backbone in VARIANTS else None
+  if patch is None:
+    problems.append(f"model.backbone={m.backbone!r} is not one of {sorted(VARIANTS)}")
+  else:
+    for name, size in (("data.crop_size", d.crop_size), ("model.img_size", m.img_size)):
+      if any(s % patch for s in size):
+        problems.append(f"{name}={tuple(size)} is not a multiple of the patch size {patch}")
+  if m.decoder.startswith("mlseg") and m.decoder != "mlseg_gt" and not 0 < m.topk <= m.num_classes:
+    problems.append(f"model.topk={m.topk} must be in [1, model.num_classes={m.num_classes}]")
+  if m.d_model % m.n_heads:
+    problems.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+  if m.oce and m.d_model != (m.backbone_width or (VARIANTS.get(m.backbone, (0,))[0])):
+    problems.append("model.oce needs model.d_model equal to the backbone width")
+  n = jax.device_count() if num_devices is None else num_devices
+  fsdp = config.mesh.fsdp
+  data = config.mesh.data if config.mesh.data != -1 else n // max(fsdp, 1)
+  if data * fsdp != n:
+    problems.append(f"mesh.data={config.mesh.data} x mesh.fsdp={fsdp} does not fit {n} devices")
+  elif t.batch_size % (data * fsdp):
+    problems.append(f"train.batch_size={t.batch_size} is not divisible by the data-parallel "
+                    f"size {data * fsdp} (mesh data x fsdp)")
+  elif (t.batch_size // (data * fsdp)) % t.grad_accum_steps:
+    problems.append(f"train.grad_accum_steps={t.grad_accum_steps} does not divide the "
+                    f"per-device batch {t.batch_size // (data * fsdp)}")
+  if t.total_steps <= 0:
+    problems.append(f"train.total_steps={t.total_steps} must be positive")
+  if any(s > c for s, c in zip(config.eval.stride, d.crop_size)):
+    problems.append(f"eval.stride={tuple(config.eval.stride)} is larger than the window "
+                    f"data.crop_size={tuple(d.crop_size)}: pixels would be skipped")
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from mlseg_jax import distributed
+
+  distributed.initialize()
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required")
+  validate_config(config)
+  workdir = _WORKDIR.value
+  if _MODE.value in ("train", "eval") and not workdir:
+    raise app.UsageError("--workdir is required for train and eval")
+
+  from mlseg_jax import evaluation_runner
+
+  if _MODE.value == "train":
+    from mlseg_jax import train
+
+    evaluate_fn = evaluation_runner.periodic_eval_fn(config, workdir)
+    state, _ = train.train(config, workdir, evaluate_fn=evaluate_fn)
+  elif _MODE.value == "eval":
+    evaluation_runner.evaluate_checkpoint(config, workdir)
+  else:
+    if not _IMAGES.value or not _OUTPUT.value:
+      raise app.UsageError("--mode predict needs --images and --output")
+    evaluation_runner.predict(config, workdir, _IMAGES.value, _OUTPUT.value)
+  logging.info("done")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,351 @@
+"""Training: sharded step, reference recipe, Orbax checkpoints, progress and TensorBoard.
+
+Read top to bottom: state, step, checkpointing, the loop. The step is one pure function
+jitted with explicit in/out shardings and the state donated; the state is created directly
+in its target sharding (`jax.eval_shape` + jitted init), so nothing ever sits whole on one
+device. Restore order (big_vision's): this workdir's latest checkpoint -> `init_from`
+pretrained weights -> random init.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from mlseg_jax import optimizer as optim_lib
+from mlseg_jax import sharding as sharding_lib
+from mlseg_jax.losses import compute_losses
+from mlseg_jax.models.segmenter import build_model
+
+
+# ---------------------------------------------------------------------------------------
+# State.
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken.
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32[2] base key; step t uses fold_in(rng, t), so resumes replay.
+
+
+def sample_input_shape(config, batch: int = 1):
+  h, w = config.data.crop_size
+  return (batch, h, w, 3)
+
+
+def create_train_state(config, model, tx, mesh):
+  """(state, shardings): the state created directly in its target sharding."""
+  rng = jax.random.PRNGKey(config.train.seed)
+
+  def init(rng):
+    params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng},
+                           jnp.zeros(sample_input_shape(config)), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=state_rng)
+
+  abstract = jax.eval_shape(init, rng)
+  shardings = sharding_lib.tree_shardings(mesh, abstract, config.mesh.rules,
+                                          config.mesh.min_fsdp_size)
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def abstract_params(config, model):
+  return jax.eval_shape(
+      lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
+                         jnp.zeros(sample_input_shape(config)), train=False))["params"]
+
+
+# ---------------------------------------------------------------------------------------
+# The step.
+
+
+def make_train_step(config, model, tx, schedule, mesh, state_shardings):
+  """Jitted `step(state, batch) -> (state, metrics)`; batch = {"image", "label"} global."""
+  accum = config.train.grad_accum_steps
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+
+  def loss_fn(params, images, labels, rng):
+    out = model.apply({"params": params}, images, train=True, labels=labels,
+                      rngs={"dropout": rng})
+    return compute_losses(out, labels, config.model)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    images, labels = batch["image"], batch["label"]
+    if accum == 1:
+      (loss, metrics), grads = grad_fn(state.params, images, labels, rng)
+    else:
+      # Micro-batch r takes images r, r + accum, ...: every device keeps an equal share
+      # of each micro-batch (its contiguous slice of the batch is divisible by accum).
+      def split(x):
+        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+      def micro(carry, xs):
+        i, (imgs, lbls) = xs
+        imgs = jax.lax.with_sharding_constraint(imgs, batch_sharding)
+        lbls = jax.lax.with_sharding_constraint(lbls, batch_sharding)
+        (loss, metrics), grads = grad_fn(state.params, imgs, lbls, jax.random.fold_in(rng, i))
+        acc_grads, acc_loss, acc_metrics = carry
+        return (jax.tree_util.tree_map(jnp.add, acc_grads, grads), acc_loss + loss,
+                jax.tree_util.tree_map(jnp.add, acc_metrics, metrics)), None
+
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+      metric_shapes = jax.eval_shape(grad_fn, state.params, images[:1], labels[:1], rng)[0][1]
+      zero_metrics = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+      (grads, loss, metrics), _ = jax.lax.scan(
+          micro, (zeros, jnp.zeros((), jnp.float32), zero_metrics),
+          (jnp.arange(accum), (split(images), split(labels))))
+      grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+      loss = loss / accum
+      metrics = jax.tree_util.tree_map(lambda m: m / accum, metrics)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, lr=schedule(state.step),
+                   grad_norm=optax.global_norm(grads))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def global_batch(local_batch: dict, mesh) -> dict:
+  """Per-host numpy batch -> global jax Arrays split over the mesh's data axes."""
+  sharding = sharding_lib.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items() if k in ("image", "label")}
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.train.keep_checkpoints,
+      enable_async_checkpointing=config.train.async_checkpoints,
+      create=True)
+  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options)
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def save_checkpoint(mngr, state, data_iter=None, *, force=False):
+  import grain
+
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iter is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+  return mngr.save(int(state.step), args=ocp.args.Composite(**items), force=force)
+
+
+def restore_checkpoint(mngr, state, shardings, data_iter=None, step=None):
+  """Restores onto `shardings`, whatever mesh wrote the checkpoint."""
+  import grain
+
+  step = mngr.latest_step() if step is None else step
+  items = {"state": ocp.args.StandardRestore(_with_shardings(state, shardings))}
+  if data_iter is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  return restored["state"]
+
+
+# ---------------------------------------------------------------------------------------
+# Progress.
+
+
+class Progress:
+  """A bar with ETA on terminals, a log line every `log_every` steps, TensorBoard scalars.
+
+  Metrics stay on device until a log step, so the loop never waits on the host.
+  """
+
+  def __init__(self, workdir, total_steps, first_step, log_every, batch_size, is_main):
+    self.total, self.log_every, self.batch_size = total_steps, log_every, batch_size
+    self.is_main = is_main
+    self.pending = []
+    self.last_time, self.last_step = time.time(), first_step
+    self.writer = None
+    self.bar = None
+    if is_main:
+      from tensorboardX import SummaryWriter
+
+      self.writer = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
+      if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
+
+  def update(self, step, metrics):
+    """`step` is the number of steps done; metrics those of the last step."""
+    self.pending.append(metrics)
+    if self.bar is not None:
+      self.bar.update(1)
+    if step % self.log_every and step != self.total:
+      return None
+    host = jax.device_get(self.pending)
+    self.pending = []
+    mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+    mean["lr"] = float(host[-1]["lr"])
+    now = time.time()
+    mean["images_per_s"] = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
+    self.last_time, self.last_step = now, step
+    if self.is_main:
+      line = " ".join(f"{k}={v:.4g}" for k, v in sorted(mean.items()))
+      logging.info("step %d/%d %s", step, self.total, line)
+      if self.bar is not None:
+        self.bar.set_postfix(loss=f"{mean['loss']:.4f}")
+      self.write_scalars(step, mean, prefix="train")
+    return mean
+
+  def write_scalars(self, step, scalars, prefix):
+    if self.writer is not None:
+      for k, v in scalars.items():
+        self.writer.add_scalar(f"{prefix}/{k}", v, step)
+      self.writer.flush()
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
+
+
+class Preempted(Exception):
+  pass
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+  """SIGTERM (preemption, scancel) -> Preempted, so the loop saves before exiting."""
+  def handler(signum, frame):
+    raise Preempted(f"signal {signum}")
+
+  try:
+    previous = signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # Not the main thread: leave signals alone.
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def setup(config, mesh=None):
+  """Model, optimizer, mesh, state and jitted step of a config."""
+  mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
+  model = build_model(config.model)
+  tx, schedule = optim_lib.make_optimizer(config.optim, abstract_params(config, model),
+                                          config.train.total_steps)
+  state, shardings = create_train_state(config, model, tx, mesh)
+  step_fn = make_train_step(config, model, tx, schedule, mesh, shardings)
+  return model, mesh, state, shardings, step_fn
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          data_iter: Optional[Iterator] = None,
+          evaluate_fn: Optional[Callable[[Any, int], dict]] = None,
+          mesh=None, stop_after: Optional[int] = None):
+  """Trains (or resumes) `config` in `workdir`; returns the final state and last metrics.
+
+  data_iter: per-host numpy batches (default: the config's Grain pipeline); a Grain
+    iterator is checkpointed with the model.
+  evaluate_fn(params, step) -> scalars: run every `train.eval_every` steps and at the end.
+  stop_after: stop (with a checkpoint) after this many steps in this call -- for tests
+    and for splitting a run into jobs.
+  """
+  from mlseg_jax import distributed
+
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = distributed.is_main_process()
+  model, mesh, state, shardings, step_fn = setup(config, mesh)
+  if data_iter is None:
+    from mlseg_jax import data as data_lib
+
+    data_iter = data_lib.make_train_iterator(
+        config.data, config.train.batch_size, config.train.seed)
+  checkpointable_iter = data_iter if hasattr(data_iter, "get_state") else None
+
+  mngr = checkpoint_manager(workdir, config)
+  if mngr.latest_step() is not None:
+    state = restore_checkpoint(mngr, state, shardings, checkpointable_iter)
+    logging.info("resumed from %s at step %d", mngr.directory, int(state.step))
+  elif config.init_from:
+    from mlseg_jax import pretrained
+
+    params, kept = pretrained.init_from(jax.device_get(state.params), config.init_from)
+    state = state.replace(params=jax.device_put(params, shardings.params))
+    logging.info("initialised from %s (%d parameters kept their init)", config.init_from,
+                 len(kept))
+  if is_main:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  total = config.train.total_steps
+  first = int(state.step)
+  progress = Progress(workdir, total, first, config.train.log_every,
+                      config.train.batch_size, is_main)
+  last_metrics = None
+  saved_at = first
+  try:
+    with _sigterm_raises():
+      step = first
+      while step < total and (stop_after is None or step - first < stop_after):
+        batch = global_batch(next(data_iter), mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        logged = progress.update(step, metrics)
+        last_metrics = logged or last_metrics
+        if step % config.train.checkpoint_every == 0 or step == total:
+          save_checkpoint(mngr, state, checkpointable_iter)
+          saved_at = step
+        if evaluate_fn is not None and (step % config.train.eval_every == 0 or step == total):
+          progress.write_scalars(step, evaluate_fn(state.params, step), prefix="eval")
+  except BaseException:
+    # Whatever stopped the loop (an error, Ctrl-C, SIGTERM), keep the work done so far.
+    if int(state.step) > saved_at:
+      logging.warning("interrupted at step %d: saving a checkpoint first", int(state.step))
+      save_checkpoint(mngr, state, checkpointable_iter, force=True)
+    mngr.wait_until_finished()
+    progress.close()
+    raise
+  if int(state.step) > saved_at:
+    save_checkpoint(mngr, state, checkpointable_iter, force=True)
+  mngr.wait_until_finished()
+  progress.close()
+  if last_metrics is not None and is_main:
+    (workdir / "train_metrics.json").write_text(json.dumps(last_metrics, indent=2))
+  return state, last_metrics

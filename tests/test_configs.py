@@ -1,0 +1,98 @@
+"""Every config loads, builds its model abstractly and carries the reference's numbers."""
+
+import importlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import REPO
+from mlseg_jax.main import validate_config
+from mlseg_jax.models.segmenter import build_model
+
+# REFERENCE.md §7, one line per config:
+# name: (dataset, classes, backbone, crop, iters, decoder, k, downsample, img loss,
+#        gamma_neg, weight, weight decay, oce, mIoU single-scale)
+B, L = "B/16", "L/16"
+TABLE = {
+    "segmenter_vit_b16_512_40k_coco_stuff10k": ("coco_stuff10k", 171, B, 512, 40_000, "mask_transformer", None, None, None, None, None, 0.0, False, 41.9),
+    "segmenter_mlseg_vit_b16_512_40k_coco_stuff10k": ("coco_stuff10k", 171, B, 512, 40_000, "mlseg", 50, 8, "bce", 0.0, 10.0, 0.0, False, 44.9),
+    "segmenter_vit_b16_512_80k_coco_stuff10k": ("coco_stuff10k", 171, B, 512, 80_000, "mask_transformer", None, None, None, None, None, 0.0, False, 43.4),
+    "segmenter_mlseg_vit_b16_512_80k_coco_stuff10k": ("coco_stuff10k", 171, B, 512, 80_000, "mlseg", 50, 8, "bce", 0.0, 5.0, 0.0, False, 45.7),
+    "segmenter_vit_l16_640_40k_coco_stuff10k": ("coco_stuff10k", 171, L, 640, 40_000, "mask_transformer", None, None, None, None, None, 0.0, False, 45.5),
+    "segmenter_mlseg_vit_l16_640_40k_coco_stuff10k": ("coco_stuff10k", 171, L, 640, 40_000, "mlseg", 50, 8, "asl", 2.0, 10.0, 0.0, False, 46.7),
+    "segmenter_vit_b16_480_80k_pascal_context": ("pascal_context", 60, B, 480, 80_000, "mask_transformer", None, None, None, None, None, 0.0, False, 53.8),
+    "segmenter_mlseg_vit_b16_480_80k_pascal_context": ("pascal_context", 60, B, 480, 80_000, "mlseg", 25, 8, "asl", 2.0, 5.0, 1e-6, False, 54.7),
+    "segmenter_vit_b16_512_160k_ade20k": ("ade20k", 150, B, 512, 160_000, "mask_transformer", None, None, None, None, None, 0.0, False, 48.8),
+    "segmenter_mlseg_vit_b16_512_160k_ade20k": ("ade20k", 150, B, 512, 160_000, "mlseg", 50, 8, "asl", 2.0, 10.0, 1e-6, False, 49.7),
+    "segmenter_vit_l16_640_160k_ade20k": ("ade20k", 150, L, 640, 160_000, "mask_transformer", None, None, None, None, None, 0.0, False, 52.0),
+    "segmenter_mlseg_vit_l16_640_160k_ade20k": ("ade20k", 150, L, 640, 160_000, "mlseg", 50, 8, "asl", 2.0, 10.0, 1e-6, False, 52.6),
+    "segmenter_vit_b16_512_160k_ade20k_full": ("ade20k_full", 847, B, 512, 160_000, "mask_transformer", None, None, None, None, None, 0.0, False, 17.8),
+    "segmenter_mlseg_vit_b16_512_160k_ade20k_full": ("ade20k_full", 847, B, 512, 160_000, "mlseg", 100, 0, "asl", 2.0, 100.0, 0.0, False, 18.8),
+    "segmenter_vit_b16_512_320k_coco_lvis": ("coco_lvis", 1284, B, 512, 320_000, "mask_transformer", None, None, None, None, None, 0.0, False, 19.4),
+    "segmenter_mlseg_vit_b16_512_320k_coco_lvis": ("coco_lvis", 1284, B, 512, 320_000, "mlseg", 100, 0, "asl", 2.0, 300.0, 1e-6, False, 21.3),
+    "segmenter_vit_b16_640_320k_coco_lvis": ("coco_lvis", 1284, B, 640, 320_000, "mask_transformer", None, None, None, None, None, 0.0, False, 23.7),
+    "segmenter_mlseg_vit_b16_640_320k_coco_lvis": ("coco_lvis", 1284, B, 640, 320_000, "mlseg", 100, 0, "asl", 2.0, 300.0, 1e-6, False, 24.9),
+    "segmenter_mlseg_gt_vit_b16_512_40k_coco_stuff10k": ("coco_stuff10k", 171, B, 512, 40_000, "mlseg_gt", None, None, None, None, None, 0.0, False, 66.8),
+    "segmenter_mlseg_gt_vit_b16_480_80k_pascal_context": ("pascal_context", 60, B, 480, 80_000, "mlseg_gt", None, None, None, None, None, 0.0, False, 70.8),
+    "segmenter_mlseg_gt_vit_b16_512_160k_ade20k": ("ade20k", 150, B, 512, 160_000, "mlseg_gt", None, None, None, None, None, 1e-6, False, 63.6),
+    "segmenter_mlseg_gt_vit_b16_512_160k_ade20k_full": ("ade20k_full", 847, B, 512, 160_000, "mlseg_gt", None, None, None, None, None, 0.0, False, 37.0),
+    "segmenter_mlseg_gt_vit_b16_512_320k_coco_lvis": ("coco_lvis", 1284, B, 512, 320_000, "mlseg_gt", None, None, None, None, None, 1e-6, False, 46.8),
+    "segmenter_mlseg_trandec_vit_b16_512_40k_coco_stuff10k": ("coco_stuff10k", 171, B, 512, 40_000, "mlseg_trandec", 50, 16, "asl", 0.0, 10.0, 0.0, False, 44.1),
+    "segmenter_mlseg_pooling_vit_b16_512_40k_coco_stuff10k": ("coco_stuff10k", 171, B, 512, 40_000, "mlseg_pooling", 50, 16, "asl", 0.0, 10.0, 0.0, False, 43.2),
+    "segmenter_oce_vit_b16_512_40k_coco_stuff10k": ("coco_stuff10k", 171, B, 512, 40_000, "mask_transformer", None, None, None, None, None, 0.0, True, 44.1),
+    "segmenter_mlseg_oce_vit_b16_512_40k_coco_stuff10k": ("coco_stuff10k", 171, B, 512, 40_000, "mlseg", 50, 8, "bce", 0.0, 10.0, 0.0, True, 46.0),
+    "segmenter_oce_vit_b16_512_160k_ade20k": ("ade20k", 150, B, 512, 160_000, "mask_transformer", None, None, None, None, None, 0.0, True, 48.8),
+    "segmenter_mlseg_oce_vit_b16_512_160k_ade20k": ("ade20k", 150, B, 512, 160_000, "mlseg", 50, 8, "asl", 2.0, 10.0, 1e-6, True, 50.1),
+}
+
+
+def _load(name):
+  return importlib.import_module(f"configs.{name}").get_config()
+
+
+def test_every_config_file_is_in_the_table():
+  files = {p.stem for p in (REPO / "configs").glob("*.py")} - {"__init__", "common", "quickstart"}
+  assert files == set(TABLE)
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_config_has_the_reference_numbers(name):
+  (dataset, classes, backbone, crop, iters, decoder, k, down, loss, gneg, weight, wd, oce,
+   miou) = TABLE[name]
+  c = _load(name)
+  assert (c.data.name, c.model.num_classes, c.model.backbone) == (dataset, classes, backbone)
+  assert tuple(c.data.crop_size) == (crop, crop) and tuple(c.eval.stride) == (crop, crop)
+  assert c.train.total_steps == iters and c.model.decoder == decoder
+  assert c.train.batch_size == 8
+  o = c.optim
+  assert (o.name, o.lr, o.momentum, o.power, o.min_lr, o.warmup_steps) == ("sgd", 0.001, 0.9, 0.9, 1e-5, 0)
+  assert o.weight_decay == wd
+  keys = dict(o.decay_mult)
+  assert keys["pos_embed"] == keys["cls_token"] == keys["norm"] == 0.0
+  if wd and decoder.startswith("mlseg"):
+    assert keys["decode_head.blocks.0."] == keys["decode_head.ml_fc"] == 100.0
+  m = c.model
+  assert m.drop_path_rate == 0.1 and m.dropout == 0.1 and m.oce == oce
+  assert m.n_layers == (3 if decoder == "mlseg" else 2)
+  assert tuple(m.img_size) == ((512, 512) if crop == 480 else (crop, crop))
+  if k is not None:
+    assert (m.topk, m.downsample, m.img_loss, m.gamma_neg, m.img_loss_weight) == (k, down, loss, gneg, weight)
+  assert tuple(c.data.img_scale) == {512: (2048, 512), 640: (2560, 640), 480: (4160, 520)}[crop]
+  assert c.data.ratio_range == (0.5, 2.0) and c.data.cat_max_ratio == 0.75
+  assert c.reference_miou.single_scale == miou
+  assert c.train.eval_every == iters // 10
+  validate_config(c, num_devices=8)
+
+
+@pytest.mark.parametrize("name", sorted(TABLE) + ["quickstart"])
+def test_config_builds_its_model_abstractly(name):
+  c = _load(name)
+  model = build_model(c.model)
+  h, w = c.data.crop_size
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3))))
+  n = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
+  assert n > (250e6 if c.model.backbone == "L/16" else 80e6) or name == "quickstart"
+  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, h, w, 3))), shapes)
+  assert out["logits"].shape == (1, h // 16, w // 16, c.model.num_classes)

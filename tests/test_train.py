@@ -1,0 +1,236 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_model_config
+from mlseg_jax import sharding as sharding_lib
+from mlseg_jax import train
+from mlseg_jax.main import validate_config
+
+
+def tiny_train_config(decoder="mask_transformer", **train_overrides):
+  from configs.common import get_base_config
+
+  config = get_base_config()
+  config.unlock()
+  config.model = tiny_model_config(decoder=decoder, num_classes=11, topk=4, downsample=2)
+  config.lock()
+  config.data.name = "camvid"
+  config.data.root = str(REPO / "data" / "camvid_subset")
+  config.data.crop_size = (64, 64)
+  config.data.img_scale = (120, 90)
+  config.data.test_scale = (120, 90)
+  config.data.num_workers = 0
+  config.optim.weight_decay = 1e-4
+  t = config.train
+  t.batch_size = 8
+  t.total_steps = 10
+  t.log_every = 5
+  t.checkpoint_every = 5
+  t.eval_every = 1000
+  t.async_checkpoints = True
+  config.init_from = ""
+  for k, v in train_overrides.items():
+    setattr(t, k, v)
+  return config
+
+
+def random_batches(seed=0, batch=8, size=64, num_classes=11):
+  rng = np.random.default_rng(seed)
+  while True:
+    labels = rng.integers(0, num_classes, size=(batch, size // 8, size // 8))
+    labels = labels.repeat(8, 1).repeat(8, 2).astype(np.int32)
+    labels[:, :4] = -1
+    images = rng.normal(size=(batch, size, size, 3)).astype(np.float32) + labels[..., None] * 0.3
+    yield {"image": images, "label": labels}
+
+
+def _one_step(config, devices, batch):
+  mesh = sharding_lib.make_mesh(config.mesh, devices=devices)
+  _, mesh, state, _, step_fn = train.setup(config, mesh)
+  batch = train.global_batch(batch, mesh)
+  for _ in range(2):
+    state, metrics = step_fn(state, batch)
+  return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def test_data_parallel_step_on_8_devices_matches_1_device():
+  config = tiny_train_config(decoder="mask_transformer")
+  batch = next(random_batches())
+  params1, m1 = _one_step(config, jax.devices()[:1], batch)
+  params8, m8 = _one_step(config, jax.devices()[:8], batch)
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(params1), jax.tree_util.tree_leaves(params8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_reproduces_the_full_batch_step():
+  batch = next(random_batches(1))
+  config = tiny_train_config(decoder="mask_transformer")
+  config.model.dropout = 0.0
+  config.model.drop_path_rate = 0.0
+  params_full, m_full = _one_step(config, jax.devices()[:2], batch)
+  config.train.grad_accum_steps = 2
+  params_acc, m_acc = _one_step(config, jax.devices()[:2], batch)
+  np.testing.assert_allclose(m_full["loss"], m_acc["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(params_full), jax.tree_util.tree_leaves(params_acc)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_shards_large_parameters_and_their_optimizer_state():
+  config = tiny_train_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.min_fsdp_size = 2, 4, 4096
+  config.optim.name = "adamw"
+  mesh = sharding_lib.make_mesh(config.mesh)
+  _, _, state, shardings, _ = train.setup(config, mesh)
+  fc1 = state.params["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"]  # (64, 256)
+  assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert fc1.addressable_shards[0].data.shape == (64, 64)
+  mu = state.opt_state[0].mu["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+  assert mu.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  bias = state.params["backbone"]["blocks_0"]["mlp"]["fc1"]["bias"]  # Small: replicated.
+  assert bias.sharding.spec == jax.sharding.PartitionSpec()
+
+
+def test_training_reduces_the_loss_and_the_mlseg_image_loss(tmp_path):
+  config = tiny_train_config(decoder="mlseg", total_steps=30, log_every=30,
+                             checkpoint_every=30)
+  config.model.dropout = 0.0
+  config.optim.name = "adamw"
+  config.optim.lr = 2e-3
+  config.optim.warmup_steps = 0
+  config.optim.min_lr = 2e-3
+  batches = random_batches(2)
+  fixed = next(batches)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  _, mesh, state, _, step_fn = train.setup(config, mesh)
+  batch = train.global_batch(fixed, mesh)
+  history = []
+  for _ in range(30):
+    state, metrics = step_fn(state, batch)
+    history.append(jax.device_get(metrics))
+  first, last = history[0], np.mean([h["loss"] for h in history[-3:]])
+  assert last < 0.7 * first["loss"], (first["loss"], last)
+  assert np.mean([h["loss_img"] for h in history[-3:]]) < 0.7 * first["loss_img"]
+
+
+def test_training_on_camvid_crops_reduces_the_loss(tmp_path):
+  config = tiny_train_config(decoder="mlseg", total_steps=24, log_every=8,
+                             checkpoint_every=24)
+  config.model.dropout = 0.0
+  config.optim.name = "adamw"
+  config.optim.lr = 2e-3
+  config.optim.min_lr = 2e-3
+  config.data.photometric = False
+  from mlseg_jax import data as data_lib
+
+  it = data_lib.make_train_iterator(config.data, 8, 0)
+  losses = []
+  mesh = sharding_lib.make_mesh(config.mesh)
+  _, mesh, state, _, step_fn = train.setup(config, mesh)
+  for _ in range(24):
+    state, metrics = step_fn(state, train.global_batch(next(it), mesh))
+    losses.append(jax.device_get(metrics))
+  assert np.mean([m["loss"] for m in losses[-4:]]) < np.mean([m["loss"] for m in losses[:4]])
+  assert np.mean([m["loss_img"] for m in losses[-4:]]) < np.mean([m["loss_img"] for m in losses[:4]])
+
+
+def test_ten_steps_equal_five_plus_restart_plus_five(tmp_path):
+  from mlseg_jax import data as data_lib
+
+  config = tiny_train_config(decoder="mlseg")
+  config.data.photometric = True
+  straight, _ = train.train(config, tmp_path / "straight",
+                            data_iter=data_lib.make_train_iterator(config.data, 8, 0))
+  split_dir = tmp_path / "split"
+  first, _ = train.train(config, split_dir, stop_after=5,
+                         data_iter=data_lib.make_train_iterator(config.data, 8, 0))
+  assert int(first.step) == 5
+  resumed, _ = train.train(config, split_dir,
+                           data_iter=data_lib.make_train_iterator(config.data, 8, 0))
+  assert int(resumed.step) == 10
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(straight.params)),
+                  jax.tree_util.tree_leaves(jax.device_get(resumed.params))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_survives_a_process_killed_mid_save(tmp_path):
+  """Kill -9 while a large checkpoint is being written: the previous one still restores."""
+  script = tmp_path / "run.py"
+  script.write_text(textwrap.dedent(f"""
+      import sys, time
+      sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
+      import numpy as np, jax
+      from test_train import tiny_train_config, random_batches
+      from mlseg_jax import train
+      config = tiny_train_config()
+      config.unlock(); config.model.backbone_width = 256; config.model.backbone_depth = 6
+      config.model.backbone_heads = 4; config.lock()
+      config.train.async_checkpoints = False
+      mngr = train.checkpoint_manager({str(tmp_path / 'wd')!r}, config)
+      _, mesh, state, shardings, step_fn = train.setup(config)
+      train.save_checkpoint(mngr, state); mngr.wait_until_finished()
+      print("SAVED0", flush=True)
+      state, _ = step_fn(state, train.global_batch(next(random_batches()), mesh))
+      print("SAVING1", flush=True)
+      train.save_checkpoint(mngr, state); mngr.wait_until_finished()
+      print("SAVED1", flush=True)
+      """))
+  proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+  for line in proc.stdout:
+    if line.startswith("SAVING1"):
+      time.sleep(0.05)
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  config = tiny_train_config()
+  config.unlock(); config.model.backbone_width = 256; config.model.backbone_depth = 6
+  config.lock()
+  mngr = train.checkpoint_manager(tmp_path / "wd", config)
+  assert mngr.latest_step() in (0, 1)
+  _, _, state, shardings, _ = train.setup(config)
+  restored = train.restore_checkpoint(mngr, state, shardings)
+  assert int(restored.step) == mngr.latest_step()
+
+
+def test_an_interrupted_run_saves_its_progress(tmp_path):
+  config = tiny_train_config(total_steps=10, checkpoint_every=100)
+
+  def failing_batches():
+    it = random_batches(3)
+    for _ in range(3):
+      yield next(it)
+    raise RuntimeError("disk went away")
+
+  with pytest.raises(RuntimeError, match="disk went away"):
+    train.train(config, tmp_path, data_iter=failing_batches())
+  mngr = train.checkpoint_manager(tmp_path, config)
+  assert mngr.latest_step() == 3
+
+
+def test_inconsistent_configs_are_refused():
+  config = tiny_train_config()
+  config.train.batch_size = 6
+  with pytest.raises(ValueError, match="batch_size=6 is not divisible by the data-parallel size 8"):
+    validate_config(config, num_devices=8)
+  config = tiny_train_config(decoder="mlseg")
+  config.model.topk = 12
+  with pytest.raises(ValueError, match="model.topk=12"):
+    validate_config(config, num_devices=1)
+  config = tiny_train_config()
+  config.data.crop_size = (60, 64)
+  with pytest.raises(ValueError, match="data.crop_size=\\(60, 64\\) is not a multiple"):
+    validate_config(config, num_devices=1)
+  config = tiny_train_config()
+  with pytest.raises(AttributeError):
+    config.train.batchsize = 4  # Locked: unknown keys fail.
