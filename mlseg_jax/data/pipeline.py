@@ -1,0 +1,123 @@
+"""Grain input pipelines: training batches and whole-image evaluation, sharded by JAX process.
+
+Training is one deterministic global stream, source -> shuffle (reshuffled each epoch) ->
+repeat -> augment (each position with its own seed), and process p of P takes positions
+p, p + P, p + 2P, ... of it. So each host reads only its records, one global batch is always
+the same B consecutive positions whatever the number of hosts, and a host's position, hence
+its whole batch, can be recomputed from the iterator state alone: that state (a few integers)
+is what `checkpoint_args` saves with the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from mlseg_jax.data import datasets
+from mlseg_jax.data import transforms
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else int(process_index)
+  count = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} is not in 0..{count - 1}")
+  return index, count
+
+
+def _to_iter(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
+  """In-process reading threads, then `num_workers` worker processes when asked."""
+  it = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=int(config.get("read_threads", 2)),
+      prefetch_buffer_size=int(config.prefetch_buffer)))
+  if config.num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(config.num_workers),
+        per_worker_buffer_size=int(config.prefetch_buffer)))
+  return it
+
+
+def train_transform(config: ml_collections.ConfigDict,
+                    dataset: datasets.Dataset) -> transforms.TrainTransform:
+  return transforms.TrainTransform(
+      crop_size=tuple(int(v) for v in config.crop_size),
+      img_scale=tuple(int(v) for v in config.img_scale),
+      ratio_range=tuple(float(v) for v in config.ratio_range) if config.ratio_range else None,
+      cat_max_ratio=float(config.cat_max_ratio),
+      flip_prob=float(config.flip_prob),
+      photometric=bool(config.photometric),
+      mean=dataset.mean, std=dataset.std)
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, global_batch_size: int, seed: int,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> grain.DatasetIterator:
+  """Endless iterator of this host's batches: {"image": float32 (b, crop_h, crop_w, 3)
+  normalised, "label": int32 (b, crop_h, crop_w)}, b = global_batch_size / process_count.
+
+  `config.shuffle_seed` fixes the data order, `seed` the augmentations. The iterator's
+  get_state()/set_state() (or `checkpoint_args`) resume it exactly.
+  """
+  index, count = _process(process_index, process_count)
+  if global_batch_size % count:
+    raise ValueError(f"global batch {global_batch_size} does not split over {count} processes")
+  dataset = datasets.get_dataset(config, "train")
+  augment = train_transform(config, dataset)
+  ds = (grain.MapDataset.source(dataset)
+        .shuffle(seed=int(config.shuffle_seed))
+        .repeat()
+        .random_map(augment, seed=int(seed))
+        [index::count]
+        .batch(global_batch_size // count, drop_remainder=True))
+  return iter(_to_iter(ds, config))
+
+
+class _EvalRecord:
+  """Position -> evaluation dict; positions past the split (padding) repeat record 0, invalid."""
+
+  def __init__(self, dataset: datasets.Dataset, transform: transforms.TestTransform):
+    self.dataset, self.transform = dataset, transform
+
+  def __call__(self, position: int) -> dict[str, Any]:
+    valid = position < len(self.dataset)
+    out = self.transform(self.dataset[position if valid else 0])
+    out["valid"] = np.bool_(valid)
+    return out
+
+
+def eval_positions(num_images: int, process_index: int, process_count: int) -> list[int]:
+  """This host's positions: p, p + P, ... of the split padded to a multiple of P, so every
+  host yields the same number of dicts and each image is valid on exactly one host."""
+  padded = -(-num_images // process_count) * process_count
+  return list(range(process_index, padded, process_count))
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict, split: str = "val",
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> grain.DatasetIterator:
+  """This host's share of `split`, one whole image at a time: {"image": float32 (h, w, 3)
+  resized with keep ratio to config.test_scale and normalised, "label": int32 (H, W) at the
+  original resolution, "valid": bool (False on padding), "name": str, "orig_size": (H, W)}."""
+  index, count = _process(process_index, process_count)
+  dataset = datasets.get_dataset(config, split)
+  transform = transforms.TestTransform(tuple(int(v) for v in config.test_scale),
+                                       dataset.mean, dataset.std)
+  ds = grain.MapDataset.source(eval_positions(len(dataset), index, count))
+  return iter(_to_iter(ds.map(_EvalRecord(dataset, transform)), config))
+
+
+def make_global_batch(local_batch: Any, sharding: jax.sharding.Sharding) -> Any:
+  """Per-host numpy batch -> global jax.Arrays laid out by `sharding` (batch on axis 0)."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def checkpoint_args(iterator: grain.DatasetIterator, restore: bool = False):
+  """Orbax args that save (or restore in place) the iterator's state, to put beside the
+  model's in `ocp.args.Composite(state=..., data=checkpoint_args(it))`."""
+  return (grain.checkpoint.CheckpointRestore(iterator) if restore
+          else grain.checkpoint.CheckpointSave(iterator))
