@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from absl import flags
 import grain
 import jax
 import ml_collections
@@ -35,6 +36,9 @@ def _to_iter(ds: grain.MapDataset, config: ml_collections.ConfigDict) -> grain.I
       num_threads=int(config.get("read_threads", 2)),
       prefetch_buffer_size=int(config.prefetch_buffer)))
   if config.num_workers > 0:
+    # Grain's workers read absl flags; outside absl.app (tests, notebooks) none were parsed.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(config.num_workers),
         per_worker_buffer_size=int(config.prefetch_buffer)))
