@@ -167,13 +167,13 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
 _HSV_SHIFT = 12
 _V = np.arange(256, dtype=np.float64)
 # cv2's tables: round((255 << 12) / v) and round((180 << 12) / (6 * diff)), 0 at 0.
-_SAT_DIV = np.concatenate([[0], np.rint((255 << _HSV_SHIFT) / _V[1:])]).astype(np.int64)
-_HUE_DIV = np.concatenate([[0], np.rint((180 << _HSV_SHIFT) / (6.0 * _V[1:]))]).astype(np.int64)
+_SAT_DIV = np.concatenate([[0], np.rint((255 << _HSV_SHIFT) / _V[1:])]).astype(np.int32)
+_HUE_DIV = np.concatenate([[0], np.rint((180 << _HSV_SHIFT) / (6.0 * _V[1:]))]).astype(np.int32)
 
 
 def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
   """cv2.cvtColor(RGB2HSV) on uint8: H in 0..179, S and V in 0..255."""
-  rgb = image.astype(np.int64)
+  rgb = image.astype(np.int32)  # Products stay below 2**28.
   r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
   v = rgb.max(axis=-1)
   diff = v - rgb.min(axis=-1)
