@@ -106,7 +106,9 @@ def prepare_coco_stuff10k(src: epath.Path, dst: epath.Path) -> dict[str, int]:
 # Pascal-Context: trainval_merged.json (PASCAL in Detail) -> SegmentationClassContext/*.png with
 # 0..59. Each image's class mask is its segmentation annotations painted in file order (later
 # ones on top), as the Detail API's getMask draws it; then the 59 classes of Pascal-Context 60
-# become 1..59 by their rank among these ids, and everything else is 0, background.
+# become 1..59 by their rank among these ids, and everything else is 0, background (mmseg's
+# tool asserts instead that no other id occurs; on data it accepts, the two agree). Ids in COCO
+# -Stuff that are not among the 171 raise here, where mmseg would leave them unchanged.
 
 PASCAL_CONTEXT_IDS = (
     0, 2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85, 98, 104, 105,
