@@ -16,12 +16,12 @@ from mlseg_jax.sharding import default_mesh_config
 # Per dataset: classes, crop-independent data settings and the reference's schedule
 # details. Normalisation, ignore and reduce_zero_label live with the dataset reader.
 DATASETS = {
+    # `root` holds the layout of README's Data table (override with --config.data.root).
     "coco_stuff10k": dict(num_classes=171, root="data/coco_stuff10k"),
-    "pascal_context": dict(num_classes=60, root="data/VOCdevkit/VOC2010"),
-    "ade20k": dict(num_classes=150, root="data/ade/ADEChallengeData2016"),
-    "ade20k_full": dict(num_classes=847, root="data/ADE20K_2021_17_01"),
+    "pascal_context": dict(num_classes=60, root="data/VOCdevkit"),
+    "ade20k": dict(num_classes=150, root="data/ade"),
+    "ade20k_full": dict(num_classes=847, root="data"),
     "coco_lvis": dict(num_classes=1284, root="data/coco_lvis"),
-    "camvid": dict(num_classes=11, root="data/camvid_subset"),
 }
 
 # Schedule length -> evaluation interval (REFERENCE.md §5).

@@ -29,7 +29,7 @@ def get_config():
 
   d = config.data
   d.name = "camvid"
-  d.root = "data/camvid_subset"
+  # d.root: the default, the repository's data/camvid_subset.
   d.crop_size = (128, 128)
   d.img_scale = (240, 180)
   d.test_scale = (240, 180)

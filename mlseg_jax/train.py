@@ -45,9 +45,10 @@ class TrainState:
   rng: jax.Array  # uint32[2] base key; step t uses fold_in(rng, t), so resumes replay.
 
 
-def sample_input_shape(config, batch: int = 1):
+def sample_inputs(config, batch: int = 1):
+  """(images, labels) of the training crop's shape, for init (the +GT head reads labels)."""
   h, w = config.data.crop_size
-  return (batch, h, w, 3)
+  return jnp.zeros((batch, h, w, 3)), jnp.zeros((batch, h, w), jnp.int32)
 
 
 def create_train_state(config, model, tx, mesh):
@@ -56,8 +57,9 @@ def create_train_state(config, model, tx, mesh):
 
   def init(rng):
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-    variables = model.init({"params": params_rng, "dropout": dropout_rng},
-                           jnp.zeros(sample_input_shape(config)), train=False)
+    images, labels = sample_inputs(config)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng}, images,
+                           labels=labels, train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=state_rng)
@@ -70,9 +72,10 @@ def create_train_state(config, model, tx, mesh):
 
 
 def abstract_params(config, model):
+  images, labels = sample_inputs(config)
   return jax.eval_shape(
       lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
-                         jnp.zeros(sample_input_shape(config)), train=False))["params"]
+                         images, labels=labels, train=False))["params"]
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,14 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Tests build the same small programs many times (every train() call compiles its init
+# and step); a persistent cache shared by the test processes compiles each once.
+jax.config.update("jax_compilation_cache_dir", str(REPO / ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def tiny_model_config(decoder="mask_transformer", num_classes=5, **overrides):

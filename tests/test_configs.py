@@ -91,8 +91,9 @@ def test_config_builds_its_model_abstractly(name):
   c = _load(name)
   model = build_model(c.model)
   h, w = c.data.crop_size
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3))))
+  images, labels = jnp.zeros((1, h, w, 3)), jnp.zeros((1, h, w), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, labels=labels))
   n = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
   assert n > (250e6 if c.model.backbone == "L/16" else 80e6) or name == "quickstart"
-  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, h, w, 3))), shapes)
+  out = jax.eval_shape(lambda v: model.apply(v, images, labels=labels), shapes)
   assert out["logits"].shape == (1, h // 16, w // 16, c.model.num_classes)
