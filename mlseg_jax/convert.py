@@ -9,7 +9,7 @@ that `--config.init_from=DIR` starts training from; the second writes a PyTorch 
 in the reference's names. Formats: `augreg_npz` (big_vision / vision_transformer ViTs) and
 `timm` (`.pth` / `.safetensors`) fill the backbone only; `mmseg` (mmsegmentation 1.x
 Segmenter) and `reference` (the reference's mmseg 0.17 fork: Segmenter, MLSeg heads, OCE)
-fill the whole model.
+fill the whole model, or only the backbone from a bare mmcv ViT (mmseg's `vit2mmseg` files).
 
 A layout is a list of `Rule(torch_key, path, kind)`: the state-dict key, the path in our
 parameter tree, and how the tensor is laid out differently (`dense`: Linear weight (out, in)
@@ -513,10 +513,16 @@ def vit_depth(model_config) -> int:
   return c.backbone_depth or VARIANTS[c.backbone][1]
 
 
-def checkpoint_layout(fmt: str, model_config) -> Layout:
-  """The rules, dropped keys and coverage of checkpoint format `fmt` for a model config."""
+def checkpoint_layout(fmt: str, model_config, bare_backbone: bool = False) -> Layout:
+  """The rules, dropped keys and coverage of checkpoint format `fmt` for a model config.
+
+  bare_backbone: an mmcv ViT alone, without `backbone.` (mmseg's `vit2mmseg` pretrained
+  weights, what the reference's `pretrained=` loads, and our backbone-only export).
+  """
   c = model_config
   depth = vit_depth(c)
+  if bare_backbone and fmt in ("mmseg", "reference"):
+    return Layout(mmcv_vit_rules(depth, prefix=""), MMSEG_DROPPED, backbone_only=True)
   if fmt == "augreg_npz":
     return Layout(augreg_rules(depth), AUGREG_DROPPED, backbone_only=True)
   if fmt == "timm":
@@ -647,14 +653,19 @@ def abstract_params(model_config) -> dict:
   return jax.eval_shape(lambda x, y: model.init(rngs, x, labels=y), images, labels)["params"]
 
 
+def _is_bare_backbone(state_dict: Mapping[str, Any]) -> bool:
+  return ("patch_embed.projection.weight" in state_dict
+          and not any(k.startswith("decode_head.") for k in state_dict))
+
+
 def convert_checkpoint(fmt: str, path, model_config, *,
                        trust_pickle: bool = False) -> tuple[dict, list[str]]:
   """Reads checkpoint `path` of format `fmt` into the parameter tree of a model config.
 
-  Returns (params, not_filled): not_filled are the model's parameters the format has no
+  Returns (params, not_filled): not_filled are the model's parameters the file has no
   value for ('/'-joined paths): the decoder and OCE's class tokens for backbone-only
-  formats (augreg_npz, timm), nothing otherwise. They keep their init through
-  `pretrained.init_from`.
+  files (augreg_npz, timm, a bare mmcv ViT), nothing otherwise. They keep their init
+  through `pretrained.init_from`.
   Raises:
     ConversionError naming the file and every missing, unexpected or mis-shaped key, or
     the class count when it differs from model_config.num_classes.
@@ -662,8 +673,8 @@ def convert_checkpoint(fmt: str, path, model_config, *,
   from mlseg_jax.models.vit import VARIANTS
 
   c = model_config
-  layout = checkpoint_layout(fmt, c)
   state = read_checkpoint(path, trust_pickle=trust_pickle)
+  layout = checkpoint_layout(fmt, c, bare_backbone=_is_bare_backbone(state))
   patch = VARIANTS[c.backbone][3]
   grid = (c.img_size[0] // patch, c.img_size[1] // patch)
   target = abstract_params(c)
@@ -698,8 +709,7 @@ def convert_to_orbax(fmt: str, path, model_config, output, *, trust_pickle: bool
 
   params, not_filled = convert_checkpoint(fmt, path, model_config, trust_pickle=trust_pickle)
   source = {"format": fmt, "file": os.path.abspath(os.fspath(path)),
-            "backbone_only": checkpoint_layout(fmt, model_config).backbone_only,
-            "not_filled": not_filled}
+            "backbone_only": set(params) == {"backbone"}, "not_filled": not_filled}
   pretrained.save_params(output, params, source=source, model_config=model_config,
                          overwrite=overwrite)
   return not_filled

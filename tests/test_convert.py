@@ -315,6 +315,14 @@ def test_export_of_a_backbone_uses_the_reference_pretrained_names(tmp_path):
   loaded = torch.load(tmp_path / "vit.pth", weights_only=True)["state_dict"]
   np.testing.assert_array_equal(loaded["pos_embed"].numpy(),
                                 backbone["backbone"]["pos_embedding"])
+  # The same bare names (mmseg's vit2mmseg pretrained files) read back as a backbone,
+  # also for an OCE model, whose class tokens then keep their zeros init.
+  oce = tiny_model_config("mlseg", n_layers=3, topk=3, oce=True)
+  for fmt in ("mmseg", "reference"):
+    params, not_filled = convert.convert_checkpoint(fmt, tmp_path / "vit.pth", oce)
+    _assert_trees_equal(params, backbone)
+    assert "backbone/cls_emb" in not_filled
+    assert all(p.startswith("decode_head/") for p in not_filled if p != "backbone/cls_emb")
 
 
 NO_TORCH = """
