@@ -60,7 +60,9 @@ class SelfAttention(nn.Module):
   attention_impl: Optional[str] = None  # None: XLA picks; "cudnn" on GPUs; "xla".
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, *, train: bool, mask=None):
+    # mask: optional bool, broadcastable to (B, heads, N, N); False keys get no attention
+    # (the +GT head hides the classes outside its oracle set this way).
     b, n, d = x.shape
     h = self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=trunc_normal(), name="qkv")(x)
@@ -70,11 +72,14 @@ class SelfAttention(nn.Module):
       # Dropout on the attention probabilities (the Segmenter decoder trains with 0.1)
       # needs the probabilities themselves, so the fused kernel cannot be used here.
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d // h) ** -0.5
+      if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
       probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
       probs = nn.Dropout(self.dropout)(probs, deterministic=False)
       y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     else:
-      y = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                       implementation=self.attention_impl)
     y = y.reshape(b, n, d)
     y = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal(), name="proj")(y)
     return nn.Dropout(self.dropout)(y, deterministic=not train)
@@ -106,10 +111,10 @@ class Block(nn.Module):
   attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, mask=None):
     y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm1")(x)
     y = SelfAttention(self.num_heads, self.dropout, self.dtype, self.attention_impl,
-                      name="attn")(y, train=train)
+                      name="attn")(y, train=train, mask=mask)
     x = x + DropPath(self.drop_path)(y, train=train)
     y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm2")(x)
     y = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train=train)
