@@ -1,0 +1,828 @@
+"""Evaluation as the reference does it (mmseg 0.17 `slide` test mode), jitted with static shapes.
+
+What the reference computes for one image (REFERENCE.md §5; `encoder_decoder.py`,
+`test_time_aug.py`):
+
+  1. Keep-ratio resize to the test scale: factor = min(long / max(h, w), short / min(h, w)),
+     new size int(h * factor + 0.5) x int(w * factor + 0.5) (mmcv `rescale_size`). For
+     multi-scale, the scale itself is first multiplied by each ratio and truncated:
+     (int(2048 r), int(512 r)) for r in 0.5, 0.75, ..., 1.75, each also flipped horizontally.
+  2. Normalise, then slide a crop-sized window with the configured stride over the resized
+     image: h_grids = max(h - crop_h + stride_h - 1, 0) // stride_h + 1 windows per column,
+     window i spans y1 = i * stride, y2 = min(y1 + crop, h), y1 = max(y2 - crop, 0) (the last
+     window is aligned to the border); the same along x.
+  3. Each window's logits (1/16 of the window, on the model's padded token grid) are resized
+     bilinearly (align_corners=False) straight to the window size, summed into a canvas and
+     divided by the number of windows covering each pixel.
+  4. The canvas is resized bilinearly to the original image size; softmax; a flipped pass is
+     flipped back; multi-scale sums the probabilities of all passes; argmax.
+  5. Scoring: a confusion matrix at the original resolution, ignore pixels excluded
+     (see `metrics.py`).
+
+How it runs here, with static shapes and nothing per window in Python:
+
+  - Steps 3 and 4 are linear in the window logits, and mmseg's window grid is a product of a
+    row grid and a column grid (so is the count map). Upsampling, placement, the division by
+    the count and the resize to the original size therefore fold into one (original, grid)
+    matrix per window row and one per window column, built in jnp from the true (traced)
+    sizes; two einsums take all windows of an image from the low-resolution logits straight
+    to the original resolution. Nothing at the resized resolution times the class count is
+    ever materialised. Same numbers as the reference up to float32 summation order.
+  - Image sizes vary, so every image is assigned a static `BatchShape`: its original size
+    rounded up to a bucket (steps of at most 1/8 of the size), and per test pass the window
+    counts and window size. Images are binned by shape and processed `images_per_batch` at a
+    time; the window offsets, validity masks and interpolation matrices come from the true
+    sizes on device, so one compilation serves every image of a bin.
+  - The resize of the uint8 image to the test scale runs on device as well: PyTorch-style
+    bilinear on the float image, rounded and clipped to uint8. mmcv resizes with OpenCV's
+    fixed-point bilinear (11-bit weights), so a few pixels may differ by one grey level.
+  - Windows are cut with `lax.dynamic_slice` and sent to `logits_fn` in fixed-size chunks
+    (`windows_per_call` per host), windows of several images together, sharded over the
+    mesh's data axis. Chunks holding only padding are skipped.
+  - The argmax and the confusion matrix are computed on device; one int32 matrix per host and
+    batch comes back and is added to an int64 accumulator (`metrics.py` sums hosts).
+  - Hosts: image i belongs to process i % process_count (every image exactly once; the
+    shorter lists are padded with empty slots). All processes run the same jitted programs in
+    the same order with the same shapes: after reading each image they exchange, by a tiny
+    allgather, the shape of the bin that became full, and all run that shape together; a
+    process with fewer images of that shape runs masked empty slots.
+
+Where we differ from the reference, on purpose:
+
+  - Resized images smaller than the window. mmseg runs the model on the small image itself
+    (its ViT pads to a multiple of 16 and resizes its position embedding to that grid), a
+    different input shape per image. By default we pad the window to the crop size with zeros
+    (= image 0 after normalisation, what the model's own padding inserts); the logits grid
+    cells that cover the true image, ceil(size / 16), are resized to the true size exactly as
+    mmseg does, so only the extra zero tokens the backbone attends to differ. This is every
+    image at multi-scale ratios < 1 (short side 256 or 384 < 512). `small_window_multiple=16`
+    removes the difference: small windows are then cut at the image size rounded up to 16,
+    i.e. exactly the reference's input, at the price of one model compilation per distinct
+    small-window shape.
+  - OpenCV's uint8 rounding in the resize (above).
+
+MLSeg models: `logits_fn` may return `{"logits": ..., "image_logits": (N, n_cls)}`; the
+logits carry -100 in the classes a window did not select, and that fill goes through the
+averaging and resizing unchanged (every step is a convex combination). Image-level outputs for
+the multi-label metrics are taken over all windows of all passes of an image: the score of a
+class is its largest image logit, the selected set the union of the windows' top-k.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import math
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mlseg_jax import IGNORE_LABEL
+from mlseg_jax import metrics as metrics_lib
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+# ---------------------------------------------------------------------------------------------
+# Test-time geometry (host side, Python ints; the reference's own formulas).
+# ---------------------------------------------------------------------------------------------
+
+
+def rescale_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:
+  """Keep-ratio size for `scale` = (long edge, short edge) bound, as mmcv `rescale_size`."""
+  long_edge, short_edge = max(scale), min(scale)
+  factor = min(long_edge / max(h, w), short_edge / min(h, w))
+  return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def scales_for_ratios(test_scale: Sequence[int], ratios: Sequence[float]) -> list[tuple[int, int]]:
+  """MultiScaleFlipAug's scales: the test scale times each ratio, truncated."""
+  return [(int(test_scale[0] * r), int(test_scale[1] * r)) for r in ratios]
+
+
+def num_windows(size: int, crop: int, stride: int) -> int:
+  """mmseg's window count along one axis (the last window is aligned to the border)."""
+  return max(size - crop + stride - 1, 0) // stride + 1
+
+
+def bucket_length(n: int) -> int:
+  """Static length that holds `n`: n rounded up to a multiple of 1/8 of its power of two.
+
+  At most 1/8 (12.5 %) padding per axis, and few distinct lengths (8 per octave), so few
+  compilations over a dataset of varied image sizes.
+  """
+  if n <= 64:
+    return 64
+  step = 2 ** (int(math.floor(math.log2(n - 1))) - 3)
+  return -(-n // step) * step
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class PassShape:
+  """Static shapes of one test pass (one scale, flipped or not) for a bin of images."""
+  rows: int  # windows per column (h_grids)
+  cols: int  # windows per row (w_grids)
+  window_h: int  # static window size fed to the model
+  window_w: int
+  canvas_h: int  # static size of the resized image buffer
+  canvas_w: int
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class BatchShape:
+  """Static shapes shared by every image of a batch: original-size buffer and passes."""
+  orig_h: int
+  orig_w: int
+  passes: tuple[PassShape, ...]
+
+  def encode(self) -> tuple[int, ...]:
+    out = [self.orig_h, self.orig_w]
+    for p in self.passes:
+      out += [p.rows, p.cols, p.window_h, p.window_w, p.canvas_h, p.canvas_w]
+    return tuple(out)
+
+  @staticmethod
+  def decode(code: Sequence[int]) -> "BatchShape":
+    code = [int(v) for v in code]
+    passes = tuple(PassShape(*code[i:i + 6]) for i in range(2, len(code), 6))
+    return BatchShape(code[0], code[1], passes)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """Everything about how an image is tested, apart from the model."""
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  test_scale: tuple[int, int]
+  crop: tuple[int, int]
+  stride: tuple[int, int]
+  ratios: tuple[float, ...] = (1.0,)
+  flip: bool = False
+  patch_size: int = 16
+  small_window_multiple: int | None = None
+
+  def __post_init__(self):
+    # Plain tuples of Python numbers: the settings are a static (hashed) argument of jit.
+    coerce = dict(mean=float, std=float, test_scale=int, crop=int, stride=int, ratios=float)
+    for name, kind in coerce.items():
+      value = getattr(self, name)
+      try:
+        object.__setattr__(self, name, tuple(kind(v) for v in value))
+      except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of numbers, got {value!r}") from None
+    object.__setattr__(self, "flip", bool(self.flip))
+    object.__setattr__(self, "patch_size", int(self.patch_size))
+    for name in ("mean", "std"):
+      if len(getattr(self, name)) != 3:
+        raise ValueError(f"{name} must have 3 values (RGB), got {getattr(self, name)}")
+    if min(self.std) <= 0:
+      raise ValueError(f"std must be positive, got {self.std}")
+    for name in ("test_scale", "crop", "stride"):
+      v = getattr(self, name)
+      if len(v) != 2 or min(v) <= 0:
+        raise ValueError(f"{name} must be two positive ints (h, w), got {v}")
+    if self.stride[0] > self.crop[0] or self.stride[1] > self.crop[1]:
+      raise ValueError(f"stride {self.stride} larger than the crop {self.crop} leaves pixels "
+                       "that no window covers")
+    if not self.ratios or min(self.ratios) <= 0:
+      raise ValueError(f"ratios must be positive, got {self.ratios}")
+    m = self.small_window_multiple
+    if m is not None and (m <= 0 or m % self.patch_size):
+      raise ValueError(f"small_window_multiple={m} must be a positive multiple of the patch "
+                       f"size {self.patch_size}")
+
+  @property
+  def passes(self) -> list[tuple[tuple[int, int], bool]]:
+    """(scale, flip) of every test pass, in MultiScaleFlipAug's order."""
+    flips = (False, True) if self.flip else (False,)
+    return [(s, f) for s in scales_for_ratios(self.test_scale, self.ratios) for f in flips]
+
+  def scaled_sizes(self, h: int, w: int) -> list[tuple[int, int]]:
+    return [rescale_size(h, w, scale) for scale, _ in self.passes]
+
+  def _window_len(self, n: int, crop: int) -> int:
+    if n >= crop or self.small_window_multiple is None:
+      return crop
+    m = self.small_window_multiple
+    return min(crop, -(-n // m) * m)
+
+  def pass_shape(self, hs: int, ws: int) -> PassShape:
+    (ch, cw), (sh, sw) = self.crop, self.stride
+    rows, cols = num_windows(hs, ch, sh), num_windows(ws, cw, sw)
+    wh, ww = self._window_len(hs, ch), self._window_len(ws, cw)
+    canvas_h = wh if rows == 1 else ch + (rows - 1) * sh
+    canvas_w = ww if cols == 1 else cw + (cols - 1) * sw
+    return PassShape(rows, cols, wh, ww, canvas_h, canvas_w)
+
+  def batch_shape(self, h: int, w: int) -> BatchShape:
+    passes = tuple(self.pass_shape(hs, ws) for hs, ws in self.scaled_sizes(h, w))
+    return BatchShape(bucket_length(h), bucket_length(w), passes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device side: interpolation matrices from traced sizes, and the jitted stages.
+# ---------------------------------------------------------------------------------------------
+
+
+def _linear_taps(in_size, out_size, out_len: int, flip=False):
+  """Per output entry of a bilinear (align_corners=False) resize of `in_size` entries to
+  `out_size` (traced sizes): the two source entries, the weight of the second, validity.
+
+  PyTorch's `F.interpolate(mode="bilinear", align_corners=False)` along one axis, computed in
+  float32 step by step as ATen does. With `flip`, output o holds output out_size - 1 - o (a
+  flip after the resize).
+  """
+  f32 = jnp.float32
+  in_size = jnp.asarray(in_size, jnp.int32)
+  out_size = jnp.asarray(out_size, jnp.int32)
+  o = jnp.arange(out_len, dtype=jnp.int32)
+  o_src = jnp.where(flip, out_size - 1 - o, o)
+  scale = in_size.astype(f32) / jnp.maximum(out_size, 1).astype(f32)
+  src = jnp.maximum(scale * (o_src.astype(f32) + f32(0.5)) - f32(0.5), f32(0))
+  i0 = jnp.minimum(src.astype(jnp.int32), in_size - 1)
+  i1 = jnp.minimum(i0 + 1, in_size - 1)
+  frac = jnp.clip(src - i0.astype(f32), 0.0, 1.0)
+  return i0, i1, frac, o < out_size
+
+
+def interp_matrix(in_size, out_size, in_len: int, out_len: int, flip=False):
+  """(out_len, in_len) matrix of the bilinear resize of `_linear_taps`; lengths are static,
+  entries outside the true sizes are 0."""
+  i0, i1, frac, valid = _linear_taps(in_size, out_size, out_len, flip)
+  cols = jnp.arange(in_len, dtype=jnp.int32)[None, :]
+  m = (jnp.where(cols == i0[:, None], (1 - frac)[:, None], 0.0)
+       + jnp.where(cols == i1[:, None], frac[:, None], 0.0))
+  return jnp.where(valid[:, None], m, 0.0)
+
+
+def resize_axis(x, axis: int, in_size, out_size, out_len: int, flip=False):
+  """Bilinear resize of the first `in_size` entries of `x` along `axis` to `out_size`, in a
+  buffer of `out_len` (zeros beyond): two gathers, not a matrix product, as only two source
+  entries feed each output."""
+  i0, i1, frac, valid = _linear_taps(in_size, out_size, out_len, flip)
+  shape = [1] * x.ndim
+  shape[axis] = out_len
+  frac, valid = frac.reshape(shape), valid.reshape(shape)
+  a = jnp.take(x, jnp.maximum(i0, 0), axis=axis)
+  b = jnp.take(x, jnp.maximum(i1, 0), axis=axis)
+  return jnp.where(valid, a * (1 - frac) + b * frac, 0.0)
+
+
+def window_starts(size, crop: int, stride: int, n: int):
+  """Start of each of `n` windows along an axis of true (traced) length `size`, and which of
+  them exist for that length (mmseg's grid)."""
+  i = jnp.arange(n, dtype=jnp.int32)
+  y2 = jnp.minimum(i * stride + crop, size)
+  y1 = jnp.maximum(y2 - crop, 0)
+  valid = (i < jnp.maximum(size - crop + stride - 1, 0) // stride + 1) & (size > 0)
+  return y1, valid
+
+
+def _constrain(x, sharding):
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _to_blocks(x, blocks: int, per_block: int, padded: int):
+  """(blocks * per_block, ...) -> (blocks * padded, ...): each host's part padded at its end."""
+  x = x.reshape(blocks, per_block, *x.shape[1:])
+  x = jnp.pad(x, [(0, 0), (0, padded - per_block)] + [(0, 0)] * (x.ndim - 2))
+  return x.reshape(blocks * padded, *x.shape[2:])
+
+
+def _from_blocks(x, blocks: int, per_block: int, padded: int):
+  x = x.reshape(blocks, padded, *x.shape[1:])[:, :per_block]
+  return x.reshape(blocks * per_block, *x.shape[2:])
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "orig", "settings", "layout", "sharding"))
+def _cut_windows(images, orig_hw, scaled_hw, flip, *, shape: PassShape, orig: tuple[int, int],
+                 settings: EvalSettings, layout: tuple[int, int, int], sharding):
+  """uint8 images (B, Ho, Wo, 3) -> normalised windows (blocks * padded, wh, ww, 3)."""
+  (ch, cw), (sh, sw) = settings.crop, settings.stride
+  mean = jnp.asarray(settings.mean, jnp.float32)
+  std = jnp.asarray(settings.std, jnp.float32)
+
+  def one(image, ohw, shw):
+    x = resize_axis(image.astype(jnp.float32), 0, ohw[0], shw[0], shape.canvas_h)
+    x = resize_axis(x, 1, ohw[1], shw[1], shape.canvas_w, flip)  # (Hs, Ws, 3)
+    x = jnp.clip(jnp.floor(x + 0.5), 0, 255)  # The resized image is uint8 in mmcv.
+    x = (x - mean) / std
+    inside = ((jnp.arange(shape.canvas_h) < shw[0])[:, None]
+              & (jnp.arange(shape.canvas_w) < shw[1])[None, :])
+    x = jnp.where(inside[..., None], x, 0.0)  # Padding is 0 after normalisation.
+    y1, _ = window_starts(shw[0], ch, sh, shape.rows)
+    x1, _ = window_starts(shw[1], cw, sw, shape.cols)
+
+    def cut(y, x0):
+      return jax.lax.dynamic_slice(x, (y, x0, 0), (shape.window_h, shape.window_w, 3))
+
+    w = jax.vmap(lambda y: jax.vmap(lambda x0: cut(y, x0))(x1))(y1)  # (rows, cols, wh, ww, 3)
+    return w.reshape(-1, shape.window_h, shape.window_w, 3)
+
+  windows = jax.vmap(one)(images, orig_hw, scaled_hw)  # (B, rows * cols, wh, ww, 3)
+  windows = windows.reshape(-1, *windows.shape[2:])
+  return _constrain(_to_blocks(windows, *layout), sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "chunk", "sharding"))
+def _take_chunk(windows, index, *, blocks: int, chunk: int, sharding):
+  """Chunk `index` of every host's windows: (blocks * chunk, wh, ww, 3)."""
+  w = windows.reshape(blocks, -1, *windows.shape[1:])
+  w = jax.lax.dynamic_slice_in_dim(w, index * chunk, chunk, axis=1)
+  return _constrain(w.reshape(blocks * chunk, *w.shape[2:]), sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "sharding"), donate_argnums=0)
+def _put_chunk(buffer, values, index, *, blocks: int, sharding):
+  b = buffer.reshape(blocks, -1, *buffer.shape[1:])
+  v = values.astype(buffer.dtype).reshape(blocks, -1, *values.shape[1:])
+  b = jax.lax.dynamic_update_slice_in_dim(b, v, index * v.shape[1], axis=1)
+  return _constrain(b.reshape(buffer.shape), sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "value", "dtype", "sharding"))
+def _full(*, shape, value, dtype, sharding):
+  return _constrain(jnp.full(shape, value, dtype), sharding)
+
+
+def _axis_matrices(orig_size, scaled_size, flip, *, orig_len: int, canvas_len: int,
+                   window_len: int, grid_len: int, n: int, crop: int, stride: int, patch: int):
+  """Per window along one axis, the (orig_len, grid_len) matrix taking its logits grid to the
+  original image: upsample to the window, place, divide by the count, resize to the original.
+  Zero for windows that do not exist for this image."""
+  starts, valid = window_starts(scaled_size, crop, stride, n)
+  true_window = jnp.minimum(crop, scaled_size)
+  pos = jnp.arange(canvas_len)[None, :]
+  cover = (pos >= starts[:, None]) & (pos < starts[:, None] + true_window) & valid[:, None]
+  count = cover.sum(0)
+  inv_count = jnp.where(count > 0, 1.0 / jnp.maximum(count, 1), 0.0)
+  back = interp_matrix(scaled_size, orig_size, canvas_len, orig_len, flip) * inv_count[None]
+  # mmseg resizes the grid cells that cover the true window, ceil(size / patch) of them.
+  up = interp_matrix(-(-true_window // patch), true_window, grid_len, window_len)
+
+  def one(start, ok):
+    cols = jax.lax.dynamic_slice_in_dim(back, start, window_len, axis=1)
+    return jnp.where(ok, jnp.dot(cols, up, precision=_HIGHEST), 0.0)
+
+  return jax.vmap(one)(starts, valid)  # (n, orig_len, grid_len)
+
+
+@functools.partial(
+    jax.jit, donate_argnums=0,
+    static_argnames=("shape", "orig", "settings", "layout", "softmax", "sharding"))
+def _add_pass(scores, grids, orig_hw, scaled_hw, flip, *, shape: PassShape,
+              orig: tuple[int, int], settings: EvalSettings, layout: tuple[int, int, int],
+              softmax: bool, sharding):
+  """scores (B, Ho, Wo, C) += this pass's logits (or probabilities) at the original size;
+  scores=None for the first pass (no zero buffer to fill and add to)."""
+  grids = _from_blocks(grids, *layout)
+  b = orig_hw.shape[0]
+  gh, gw, c = grids.shape[1:]
+  grids = grids.reshape(b, shape.rows, shape.cols, gh, gw, c)
+  common = dict(patch=settings.patch_size)
+  rows_first = shape.rows * gh > shape.cols * gw
+
+  def one(grid, ohw, shw):
+    a = _axis_matrices(ohw[0], shw[0], False, orig_len=orig[0], canvas_len=shape.canvas_h,
+                       window_len=shape.window_h, grid_len=gh, n=shape.rows,
+                       crop=settings.crop[0], stride=settings.stride[0], **common)
+    bm = _axis_matrices(ohw[1], shw[1], flip, orig_len=orig[1], canvas_len=shape.canvas_w,
+                        window_len=shape.window_w, grid_len=gw, n=shape.cols,
+                        crop=settings.crop[1], stride=settings.stride[1], **common)
+    # Contract the longer window axis first: the second einsum, at the original resolution,
+    # then has the shorter inner dimension.
+    if rows_first:
+      t = jnp.einsum("iyp,ijpqc->jyqc", a, grid, precision=_HIGHEST)
+      return jnp.einsum("jxq,jyqc->yxc", bm, t, precision=_HIGHEST)
+    t = jnp.einsum("jxq,ijpqc->ixpc", bm, grid, precision=_HIGHEST)
+    return jnp.einsum("iyp,ixpc->yxc", a, t, precision=_HIGHEST)
+
+  out = jax.vmap(one)(grids, orig_hw, scaled_hw)  # (B, Ho, Wo, C)
+  if softmax:
+    out = jax.nn.softmax(out, axis=-1)
+  return _constrain(out if scores is None else scores + out, sharding)
+
+
+@functools.partial(
+    jax.jit, donate_argnums=(0, 1),
+    static_argnames=("shape", "settings", "layout", "topk", "sharding"))
+def _add_image_logits(image_scores, selected, image_logits, scaled_hw, *, shape: PassShape,
+                      settings: EvalSettings, layout, topk: int, sharding):
+  """MLSeg: largest image logit per class and union of top-k sets over an image's windows."""
+  il = _from_blocks(image_logits, *layout).astype(jnp.float32)
+  b, n_cls = scaled_hw.shape[0], il.shape[-1]
+  il = il.reshape(b, shape.rows, shape.cols, n_cls)
+
+  def valid_windows(shw):
+    _, vr = window_starts(shw[0], settings.crop[0], settings.stride[0], shape.rows)
+    _, vc = window_starts(shw[1], settings.crop[1], settings.stride[1], shape.cols)
+    return vr[:, None] & vc[None, :]
+
+  valid = jax.vmap(valid_windows)(scaled_hw)[..., None]  # (B, rows, cols, 1)
+  best = jnp.where(valid, il, -jnp.inf).max(axis=(1, 2))
+  top = jax.lax.top_k(il, topk)[1]  # (B, rows, cols, k)
+  chosen = (jax.nn.one_hot(top, n_cls, dtype=jnp.int32).sum(-2) > 0) & valid
+  return (_constrain(jnp.maximum(image_scores, best), sharding),
+          _constrain(selected | chosen.any(axis=(1, 2)), sharding))
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "groups", "sharding"))
+def _predict_and_count(scores, labels, *, num_classes: int, groups: int, sharding):
+  """Argmax, and the int32 confusion matrix [label, prediction] of each group of images
+  (one group per device: the counts of a device's images never exceed 2^31)."""
+  preds = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # (B, Ho, Wo)
+  c = num_classes
+  idx = jnp.where(labels >= 0, labels * c + preds, c * c).reshape(groups, -1)
+  counts = jax.vmap(lambda i: jnp.zeros(c * c, jnp.int32).at[i].add(1, mode="drop"))(idx)
+  return _constrain(preds, sharding), _constrain(counts.reshape(groups, c, c), sharding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hosts: which images each process evaluates, and agreeing on what to run next.
+# ---------------------------------------------------------------------------------------------
+
+
+def host_indices(num_images: int, process_index: int, process_count: int) -> list[int | None]:
+  """Images of one process: i % process_count == process_index, padded with None so every
+  process has the same count (each image is evaluated exactly once over all processes)."""
+  per_host = -(-num_images // process_count)
+  own = list(range(process_index, num_images, process_count))
+  return own + [None] * (per_host - len(own))
+
+
+def _process_allgather(x: np.ndarray) -> np.ndarray:
+  if jax.process_count() == 1:
+    return x[None]
+  return np.asarray(multihost_utils.process_allgather(x))
+
+
+@dataclasses.dataclass
+class _Batch:
+  shape: BatchShape
+  items: list[tuple[int, dict[str, Any]]]  # (dataset index, record), this host's part
+  max_items: int  # largest part over hosts: how many slots hold images anywhere
+
+
+def read_ahead(records: Sequence[dict[str, Any]], indices: Sequence[int | None],
+               threads: int = 4, depth: int = 16,
+               ) -> Iterator[tuple[int, dict[str, Any]] | None]:
+  """(index, records[index]) in order, None for padding slots, read `depth` ahead by
+  `threads` threads (image decoders release the GIL); threads=0 reads in the caller."""
+  if threads <= 0:
+    for index in indices:
+      yield None if index is None else (index, records[index])
+    return
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    pending = collections.deque()
+    for index in indices:
+      pending.append(None if index is None else (index, pool.submit(records.__getitem__, index)))
+      if len(pending) > depth:
+        item = pending.popleft()
+        yield None if item is None else (item[0], item[1].result())
+    while pending:
+      item = pending.popleft()
+      yield None if item is None else (item[0], item[1].result())
+
+
+def batch_stream(items: Iterable[tuple[int, dict[str, Any]] | None],
+                 shape_of: Callable[[dict[str, Any]], BatchShape], batch_size: int,
+                 code_len: int,
+                 allgather: Callable[[np.ndarray], np.ndarray] = _process_allgather,
+                 ) -> Iterator[_Batch]:
+  """Bins records by static shape and yields batches, in the same order on every process.
+
+  `items` are this process's (index, record) pairs, None for padding, as many on every
+  process. After each item, every process proposes the shape of a bin that just became full
+  (or nothing); the proposals are gathered and every proposed shape is run by all processes,
+  each with what its own bin holds, possibly nothing. At the end the bins are flushed the
+  same way, one shape per process per round. `code_len` is the length of
+  `BatchShape.encode()`.
+  """
+  bins: dict[BatchShape, list[tuple[int, dict[str, Any]]]] = {}
+
+  def agree(proposal: BatchShape | None) -> list[_Batch]:
+    code = (np.full((code_len,), -1, np.int32) if proposal is None
+            else np.asarray(proposal.encode(), np.int32))
+    gathered = allgather(code)
+    batches = []
+    for shape in sorted({BatchShape.decode(row) for row in gathered if row[0] >= 0}):
+      queue = bins.pop(shape, [])
+      items, rest = queue[:batch_size], queue[batch_size:]
+      if rest:
+        bins[shape] = rest
+      counts = allgather(np.asarray([len(items)], np.int32))
+      batches.append(_Batch(shape, items, int(counts.max())))
+    return batches
+
+  for item in items:
+    proposal = None
+    if item is not None:
+      index, record = item
+      shape = shape_of(record)
+      bins.setdefault(shape, []).append((index, record))
+      if len(bins[shape]) >= batch_size:
+        proposal = shape
+    yield from agree(proposal)
+  while True:
+    batches = agree(min(bins) if bins else None)
+    if not batches:
+      return
+    yield from batches
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: records in, predictions and confusion matrices out.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ImageResult:
+  """One image of this process. Arrays are at the original resolution."""
+  index: int
+  name: str
+  prediction: np.ndarray | None = None  # (H, W) int32, with keep_predictions
+  scores: np.ndarray | None = None  # (H, W, C) float32 with keep_scores: averaged logits
+  #   (one pass) or summed probabilities (several passes), what the argmax is taken of.
+  image_scores: np.ndarray | None = None  # (n_cls,) MLSeg: largest image logit per class
+  selected: np.ndarray | None = None  # (n_cls,) bool, MLSeg: union of the windows' top-k
+  label_hist: np.ndarray | None = None  # (n_cls,) int64 labelled pixels per class
+
+
+@dataclasses.dataclass
+class BatchResult:
+  images: list[ImageResult]
+  confusion: np.ndarray | None  # (C, C) int64 [label, prediction] over this batch's images
+  has_image_logits: bool = False  # the model returned image logits (same on every process)
+
+
+def _data_layout(mesh: Mesh, axis: str) -> tuple[int, int, int]:
+  """(blocks, local shards, shards): the data axis must give each process a contiguous,
+  equal share of its positions, one block per process."""
+  if axis not in mesh.axis_names:
+    raise ValueError(f"mesh has axes {mesh.axis_names}, no data axis {axis!r}")
+  k = mesh.axis_names.index(axis)
+  shards = mesh.shape[axis]
+  me = jax.process_index()
+  mine = sorted({idx[k] for idx in np.ndindex(mesh.devices.shape)
+                 if mesh.devices[idx].process_index == me})
+  if not mine:
+    raise ValueError(f"process {me} has no device in the mesh {mesh}")
+  contiguous = mine == list(range(mine[0], mine[0] + len(mine)))
+  if not contiguous or len(mine) * jax.process_count() != shards:
+    raise ValueError(
+        f"the mesh's {axis!r} axis ({shards} positions) must be split evenly and "
+        f"contiguously over the {jax.process_count()} processes; process {me} holds "
+        f"positions {mine}")
+  return jax.process_count(), len(mine), shards
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _check_record(record: dict[str, Any], num_classes: int, with_labels: bool):
+  name = record.get("name", "<unnamed>")
+  for key in ("image",) + (("label",) if with_labels else ()):
+    if key not in record:
+      raise KeyError(f"record {name!r} has no {key!r} (keys: {sorted(record)})")
+  image = record["image"]
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+    raise ValueError(f"{name}: image must be uint8 (H, W, 3) RGB, got {image.dtype} "
+                     f"{image.shape}")
+  if with_labels:
+    label = record["label"]
+    if label.shape != image.shape[:2]:
+      raise ValueError(f"{name}: label is {label.shape}, image is {image.shape[:2]}")
+    if not np.issubdtype(label.dtype, np.integer):
+      raise ValueError(f"{name}: label must be an integer array, got {label.dtype}")
+    if label.size:
+      lo, hi = int(label.min()), int(label.max())
+      if (lo < 0 and lo != IGNORE_LABEL) or hi >= num_classes:
+        bad = label[((label < 0) & (label != IGNORE_LABEL)) | (label >= num_classes)]
+        raise ValueError(
+            f"{name}: label values {np.unique(bad)[:10].tolist()} are neither a class in "
+            f"[0, {num_classes}) nor the ignore value {IGNORE_LABEL}")
+
+
+def _unpack_model_output(out, n_windows: int, window: tuple[int, int], patch: int,
+                         num_classes: int):
+  if isinstance(out, dict):
+    if "logits" not in out:
+      raise KeyError(f"logits_fn returned a dict without 'logits' (keys: {sorted(out)})")
+    logits, image_logits = out["logits"], out.get("image_logits")
+  else:
+    logits, image_logits = out, None
+  grid = (-(-window[0] // patch), -(-window[1] // patch))
+  if logits.shape != (n_windows, *grid, num_classes):
+    raise ValueError(
+        f"logits_fn on windows {(n_windows, *window, 3)} returned logits {logits.shape}; "
+        f"expected {(n_windows, *grid, num_classes)} (the padded 1/{patch} token grid, "
+        "channels last)")
+  if image_logits is not None and image_logits.shape != (n_windows, num_classes):
+    raise ValueError(f"logits_fn returned image_logits {image_logits.shape}; expected "
+                     f"{(n_windows, num_classes)}")
+  return logits, image_logits
+
+
+def segment(logits_fn: Callable[[jax.Array], Any], records: Sequence[dict[str, Any]],
+            settings: EvalSettings, *, num_classes: int, topk: int | None = None,
+            mesh: Mesh | None = None, data_axis: str = "data", images_per_batch: int = 4,
+            windows_per_call: int = 8, with_labels: bool = True,
+            keep_predictions: bool = False, keep_scores: bool = False, read_threads: int = 4,
+            allgather: Callable[[np.ndarray], np.ndarray] = _process_allgather,
+            ) -> Iterator[BatchResult]:
+  """Runs the test passes over this process's share of `records`, batch by batch.
+
+  `records[i]` = {"image": uint8 (H, W, 3) RGB, "label": int (H, W) with ignore =
+  IGNORE_LABEL (only with `with_labels`), "name": str}. `logits_fn(windows)` takes
+  normalised windows (N, wh, ww, 3) float32 (a global array sharded over `data_axis`) and
+  returns logits (N, ceil(wh / p), ceil(ww / p), C) or {"logits": ..., "image_logits":
+  (N, C)}. Every process must call this with the same arguments (see the module docstring).
+  """
+  if mesh is None:
+    if jax.process_count() > 1:
+      raise ValueError("several processes: pass the mesh whose data axis spans them")
+    mesh = Mesh(np.asarray(jax.local_devices()[:1]), (data_axis,))
+  blocks, local_shards, shards = _data_layout(mesh, data_axis)
+  sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+  bl = _round_up(max(images_per_batch, 1), local_shards)  # images per process and batch
+  chunk = _round_up(max(windows_per_call, 1), local_shards)  # windows per process and call
+  if topk is not None and not 0 < topk <= num_classes:
+    raise ValueError(f"topk={topk} must lie in [1, num_classes={num_classes}]")
+  passes = settings.passes
+  softmax = len(passes) > 1
+  patch = settings.patch_size
+  c = num_classes
+
+  def to_device(local: np.ndarray):
+    return jax.make_array_from_process_local_data(sharding, local)
+
+  def to_host(x) -> np.ndarray:
+    return np.asarray(multihost_utils.global_array_to_host_local_array(
+        x, mesh, PartitionSpec(data_axis)))
+
+  def shape_of(record):
+    _check_record(record, c, with_labels)
+    return settings.batch_shape(*record["image"].shape[:2])
+
+  def run_model(windows, n_calls: int, ps: PassShape, layout):
+    """logits_fn over the first n_calls chunks -> logits grids and image logits, laid out
+    like the windows (chunks never run stay 0; they only hold padding slots)."""
+    grids = image_logits = None
+    for i in range(n_calls):
+      index = np.int32(i)
+      w = _take_chunk(windows, index, blocks=blocks, chunk=chunk, sharding=sharding)
+      logits, il = _unpack_model_output(logits_fn(w), blocks * chunk,
+                                        (ps.window_h, ps.window_w), patch, c)
+      if grids is None:
+        grids = _full(shape=(layout[0] * layout[2], *logits.shape[1:]), value=0.0,
+                      dtype=jnp.float32, sharding=sharding)
+      grids = _put_chunk(grids, logits, index, blocks=blocks, sharding=sharding)
+      if il is not None:
+        if topk is None:
+          raise ValueError("logits_fn returns image_logits (an MLSeg model): pass topk, the "
+                           "k of its top-k selection")
+        if image_logits is None:
+          image_logits = _full(shape=(layout[0] * layout[2], c), value=0.0,
+                               dtype=jnp.float32, sharding=sharding)
+        image_logits = _put_chunk(image_logits, il, index, blocks=blocks, sharding=sharding)
+    return grids, image_logits
+
+  def dispatch(batch: _Batch):
+    shape = batch.shape
+    ho, wo = shape.orig_h, shape.orig_w
+    images = np.zeros((bl, ho, wo, 3), np.uint8)
+    labels = np.full((bl, ho, wo), IGNORE_LABEL, np.int32) if with_labels else None
+    orig_hw = np.zeros((bl, 2), np.int32)
+    scaled_hw = np.zeros((len(passes), bl, 2), np.int32)
+    for slot, (_, record) in enumerate(batch.items):
+      h, w = record["image"].shape[:2]
+      images[slot, :h, :w] = record["image"]
+      if with_labels:
+        labels[slot, :h, :w] = record["label"]
+      orig_hw[slot] = (h, w)
+      scaled_hw[:, slot] = settings.scaled_sizes(h, w)
+    orig_dev = to_device(orig_hw)
+    images_dev = to_device(images)
+    scores = image_scores = selected = None
+    for p, ((_, flip), ps) in enumerate(zip(passes, shape.passes)):
+      layout = (blocks, bl * ps.rows * ps.cols, _round_up(bl * ps.rows * ps.cols, chunk))
+      scaled_dev = to_device(scaled_hw[p])
+      flip_dev = np.bool_(flip)
+      windows = _cut_windows(images_dev, orig_dev, scaled_dev, flip_dev, shape=ps,
+                             orig=(ho, wo), settings=settings, layout=layout,
+                             sharding=sharding)
+      # Only the first max_items images of each process's part hold an image anywhere.
+      n_calls = -(-batch.max_items * ps.rows * ps.cols // chunk)
+      grids, image_logits = run_model(windows, n_calls, ps, layout)
+      scores = _add_pass(scores, grids, orig_dev, scaled_dev, flip_dev, shape=ps,
+                         orig=(ho, wo), settings=settings, layout=layout, softmax=softmax,
+                         sharding=sharding)
+      if image_logits is not None:
+        if image_scores is None:
+          image_scores = _full(shape=(blocks * bl, c), value=-np.inf, dtype=jnp.float32,
+                               sharding=sharding)
+          selected = _full(shape=(blocks * bl, c), value=False, dtype=jnp.bool_,
+                           sharding=sharding)
+        image_scores, selected = _add_image_logits(
+            image_scores, selected, image_logits, scaled_dev, shape=ps, settings=settings,
+            layout=layout, topk=topk, sharding=sharding)
+    labels_dev = (to_device(labels) if with_labels else
+                  _full(shape=(blocks * bl, ho, wo), value=IGNORE_LABEL, dtype=jnp.int32,
+                        sharding=sharding))
+    preds, counts = _predict_and_count(scores, labels_dev, num_classes=c, groups=shards,
+                                       sharding=sharding)
+    return batch, dict(preds=preds if keep_predictions else None,
+                       counts=counts if with_labels else None,
+                       scores=scores if keep_scores else None,
+                       image_scores=image_scores, selected=selected)
+
+  def collect(batch: _Batch, out: dict[str, Any]) -> BatchResult:
+    host = {k: None if v is None else to_host(v) for k, v in out.items()}
+    confusion = None if host["counts"] is None else host["counts"].astype(np.int64).sum(0)
+    images = []
+    for slot, (index, record) in enumerate(batch.items):
+      h, w = record["image"].shape[:2]
+      r = ImageResult(index=index, name=str(record.get("name", index)))
+      if host["preds"] is not None:
+        r.prediction = host["preds"][slot, :h, :w]
+      if host["scores"] is not None:
+        r.scores = host["scores"][slot, :h, :w]
+      if host["image_scores"] is not None:
+        r.image_scores = host["image_scores"][slot]
+        r.selected = host["selected"][slot]
+      if with_labels:
+        label = record["label"]
+        r.label_hist = np.bincount(label[label >= 0].ravel(), minlength=c).astype(np.int64)
+      images.append(r)
+    return BatchResult(images, confusion, host["image_scores"] is not None)
+
+  indices = host_indices(len(records), jax.process_index(), jax.process_count())
+  code_len = 2 + 6 * len(passes)
+  pending = None
+  # One batch in flight: the next batch is read and dispatched before the previous one's
+  # results are pulled to the host, so reading overlaps device work.
+  items = read_ahead(records, indices, read_threads)
+  for batch in batch_stream(items, shape_of, bl, code_len, allgather):
+    current = dispatch(batch)
+    if pending is not None:
+      yield collect(*pending)
+    pending = current
+  if pending is not None:
+    yield collect(*pending)
+
+
+def evaluate(logits_fn: Callable[[jax.Array], Any], records: Sequence[dict[str, Any]], *,
+             num_classes: int, mean: Sequence[float], std: Sequence[float],
+             test_scale: Sequence[int], crop: Sequence[int], stride: Sequence[int],
+             ratios: Sequence[float] = (1.0,), flip: bool = False,
+             class_names: Sequence[str] | None = None, topk: int | None = None,
+             mesh: Mesh | None = None, data_axis: str = "data", images_per_batch: int = 4,
+             windows_per_call: int = 8, patch_size: int = 16,
+             small_window_multiple: int | None = None, log_every: int = 0,
+             read_threads: int = 4, allgather: Callable[[np.ndarray], np.ndarray] = _process_allgather,
+             ) -> dict[str, Any]:
+  """mIoU, aAcc, mAcc, per-class IoU / Acc (and for MLSeg models the multi-label metrics) of
+  `logits_fn` on `records`, as the reference evaluates: single scale with `ratios=(1.0,)`,
+  multi-scale + flip with `ratios=MS_RATIOS, flip=True`. Every process calls it alike; every
+  process gets the totals. See `segment` for the arguments."""
+  settings = EvalSettings(mean=mean, std=std, test_scale=test_scale, crop=crop, stride=stride,
+                          ratios=ratios, flip=flip, patch_size=patch_size,
+                          small_window_multiple=small_window_multiple)
+  if len(records) == 0:
+    raise ValueError("no images to evaluate")
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  multilabel = metrics_lib.MultiLabelMetrics()
+  seen, has_image_logits = 0, False
+  start = time.perf_counter()
+  for n, batch in enumerate(segment(
+      logits_fn, records, settings, num_classes=num_classes, topk=topk, mesh=mesh,
+      data_axis=data_axis, images_per_batch=images_per_batch,
+      windows_per_call=windows_per_call, read_threads=read_threads, allgather=allgather)):
+    confusion += batch.confusion
+    has_image_logits |= batch.has_image_logits
+    for image in batch.images:
+      seen += 1
+      if image.image_scores is not None:
+        multilabel.add(image.image_scores, image.selected, image.label_hist)
+    if log_every and (n + 1) % log_every == 0:
+      rate = seen / (time.perf_counter() - start)
+      logging.info("eval: %d images on this process, %.2f images/s", seen, rate)
+  results = metrics_lib.segmentation_metrics(
+      metrics_lib.sum_across_hosts(confusion, allgather), class_names)
+  if has_image_logits:
+    results["multilabel"] = dict(multilabel.summary(allgather), topk=topk)
+  results["num_images"] = len(records)
+  results["settings"] = dataclasses.asdict(settings)
+  return results
+
+
+# MultiScaleFlipAug's ratios in every reference config with multi-scale testing.
+MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)

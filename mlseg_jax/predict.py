@@ -1,0 +1,167 @@
+"""Pictures of what a model predicts: colour-coded masks and overlays for any image files.
+
+For every input image (a file, or every image in a directory) this writes, at the input's own
+size, into the output directory:
+  <stem>_mask.png      the predicted class of every pixel in the dataset's palette colours;
+  <stem>_overlay.png   the mask blended over the image (alpha = mask weight);
+  <stem>_classes.json  for MLSeg models: the classes the model selected (the union of the
+                       windows' top-k) with their image logits and sigmoid scores, best first.
+Prediction is the evaluation's: keep-ratio resize to the test scale, sliding windows,
+optionally multi-scale + flip (see `evaluate.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+
+from mlseg_jax import evaluate as ev
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def find_images(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+  """Image files named by `paths`: files as given, directories' images sorted by name."""
+  if isinstance(paths, (str, Path)):
+    paths = [paths]
+  found = []
+  for p in map(Path, paths):
+    if p.is_dir():
+      found += sorted(f for f in p.iterdir()
+                      if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    elif p.is_file():
+      found.append(p)
+    else:
+      raise FileNotFoundError(f"no such image file or directory: {p}")
+  if not found:
+    raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {[str(p) for p in paths]}")
+  return found
+
+
+class _ImageFiles:
+  """Random-access records {"image", "name"} read from image files on demand; a record read
+  stays until `release(i)`, so the pictures are drawn without decoding the file again."""
+
+  def __init__(self, files: Sequence[Path]):
+    self.files = list(files)
+    self._held: dict[int, dict[str, Any]] = {}
+
+  def __len__(self):
+    return len(self.files)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    if i not in self._held:
+      self._held[i] = self._read(i)
+    return self._held[i]
+
+  def release(self, i: int) -> dict[str, Any]:
+    return self._held.pop(i, None) or self._read(i)
+
+  def _read(self, i: int) -> dict[str, Any]:
+    path = self.files[i]
+    try:
+      with Image.open(path) as im:
+        image = np.asarray(im.convert("RGB"), np.uint8)
+    except OSError as e:
+      raise ValueError(f"{path}: cannot read the image ({e})") from e
+    return {"image": image, "name": str(path)}
+
+
+def _output_stems(files: Sequence[Path]) -> list[str]:
+  """File stems, made unique where two inputs share one (a.jpg, a.png -> a_jpg, a_png)."""
+  stems = [f.stem for f in files]
+  counts = {s: stems.count(s) for s in stems}
+  out, used = [], set()
+  for f, s in zip(files, stems):
+    name = s if counts[s] == 1 else f"{s}_{f.suffix.lstrip('.').lower()}"
+    base, k = name, 1
+    while name in used:  # Same stem and suffix in two directories.
+      name, k = f"{base}_{k}", k + 1
+    used.add(name)
+    out.append(name)
+  return out
+
+
+def colorize(prediction: np.ndarray, palette: np.ndarray) -> np.ndarray:
+  """(H, W) class ids -> (H, W, 3) uint8 palette colours."""
+  return palette[prediction]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
+  """Alpha blend of the colour mask over the image (alpha = weight of the mask)."""
+  blend = (1 - alpha) * image.astype(np.float32) + alpha * mask.astype(np.float32)
+  return np.clip(np.round(blend), 0, 255).astype(np.uint8)
+
+
+def predict_images(logits_fn: Callable[[jax.Array], Any],
+                   paths: str | Path | Sequence[str | Path], output_dir: str | Path, *,
+                   mean: Sequence[float], std: Sequence[float],
+                   palette: Sequence[Sequence[int]], class_names: Sequence[str],
+                   test_scale: Sequence[int], crop: Sequence[int], stride: Sequence[int],
+                   topk: int | None = None, ratios: Sequence[float] = (1.0,),
+                   flip: bool = False, alpha: float = 0.5, patch_size: int = 16,
+                   small_window_multiple: int | None = None, mesh=None,
+                   data_axis: str = "data", images_per_batch: int = 1,
+                   windows_per_call: int = 8) -> list[dict[str, str]]:
+  """Writes mask, overlay (and MLSeg classes) for each image; returns the written paths.
+
+  `logits_fn` is as for `evaluate.segment`; `topk` (the model's k) is needed for MLSeg
+  models, whose `logits_fn` returns image logits. With several processes, each writes the
+  pictures of its share of the images.
+  """
+  num_classes = len(class_names)
+  palette = np.asarray(palette)
+  if palette.ndim != 2 or palette.shape[1] != 3 or len(palette) < num_classes:
+    raise ValueError(f"palette must hold an RGB colour for each of the {num_classes} classes, "
+                     f"got shape {palette.shape}")
+  if palette.min() < 0 or palette.max() > 255:
+    raise ValueError("palette colours must lie in [0, 255]")
+  palette = palette.astype(np.uint8)
+  if not 0 <= alpha <= 1:
+    raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+  files = find_images(paths)
+  stems = _output_stems(files)
+  output_dir = Path(output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  settings = ev.EvalSettings(mean=mean, std=std, test_scale=test_scale, crop=crop,
+                             stride=stride, ratios=ratios, flip=flip, patch_size=patch_size,
+                             small_window_multiple=small_window_multiple)
+  records = _ImageFiles(files)
+  written = []
+  for batch in ev.segment(logits_fn, records, settings, num_classes=num_classes, topk=topk,
+                          mesh=mesh, data_axis=data_axis, images_per_batch=images_per_batch,
+                          windows_per_call=windows_per_call, with_labels=False,
+                          keep_predictions=True):
+    for result in batch.images:
+      image = records.release(result.index)["image"]
+      stem = stems[result.index]
+      mask = colorize(result.prediction, palette)
+      out = {"image": str(files[result.index]),
+             "mask": str(output_dir / f"{stem}_mask.png"),
+             "overlay": str(output_dir / f"{stem}_overlay.png")}
+      Image.fromarray(mask).save(out["mask"])
+      Image.fromarray(overlay(image, mask, alpha)).save(out["overlay"])
+      if result.image_scores is not None:
+        out["classes"] = str(output_dir / f"{stem}_classes.json")
+        Path(out["classes"]).write_text(json.dumps(
+            _selected_classes(result, class_names, topk, out["image"]), indent=2) + "\n")
+      written.append(out)
+  return written
+
+
+def _selected_classes(result: ev.ImageResult, class_names: Sequence[str], topk: int | None,
+                      image_path: str) -> dict[str, Any]:
+  ids = np.flatnonzero(result.selected)
+  ids = ids[np.argsort(-result.image_scores[ids], kind="stable")]
+  logits = result.image_scores[ids].astype(np.float64)
+  return {
+      "image": image_path,
+      "topk": topk,
+      "selected": [{"id": int(i), "name": class_names[i], "logit": float(l),
+                    "score": float(1 / (1 + np.exp(-l)))} for i, l in zip(ids, logits)],
+  }

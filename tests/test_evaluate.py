@@ -1,0 +1,404 @@
+"""Sliding-window / multi-scale evaluation against a plain NumPy loop over windows (mmseg's
+`slide_inference` + `aug_test`, written out), confusion matrices against NumPy."""
+
+import threading
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from mlseg_jax import IGNORE_LABEL
+from mlseg_jax import evaluate as ev
+from mlseg_jax import metrics as metrics_lib
+from mlseg_jax.resize import linear_matrix
+
+PATCH = 8
+C = 5
+MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+# ----------------------------------------------------------------------------- random models
+
+
+def pooled_linear_model(seed=0, num_classes=C, topk=None):
+  """Random 'model': pads to the patch grid, pools patches, a linear map per token plus a
+  global term (so padding the window changes every logit, as attention does). With `topk`,
+  MLSeg-style: image logits, and -100 outside each window's top-k classes."""
+  rng = np.random.default_rng(seed)
+  w_local = jnp.asarray(rng.normal(size=(3, num_classes)), jnp.float32)
+  w_global = jnp.asarray(rng.normal(size=(3, num_classes)), jnp.float32)
+  w_image = jnp.asarray(rng.normal(size=(3, num_classes)), jnp.float32)
+
+  @jax.jit
+  def logits_fn(x):
+    n, h, w, _ = x.shape
+    gh, gw = -(-h // PATCH), -(-w // PATCH)
+    x = jnp.pad(x, ((0, 0), (0, gh * PATCH - h), (0, gw * PATCH - w), (0, 0)))
+    t = x.reshape(n, gh, PATCH, gw, PATCH, 3).mean((2, 4))
+    pooled = t.mean((1, 2))
+    logits = t @ w_local + (pooled @ w_global)[:, None, None]
+    if topk is None:
+      return logits
+    image_logits = pooled @ w_image * 3.0
+    top = jax.lax.top_k(image_logits, topk)[1]
+    keep = jax.nn.one_hot(top, num_classes).sum(1) > 0
+    return {"logits": jnp.where(keep[:, None, None], logits, -100.0),
+            "image_logits": image_logits}
+
+  return logits_fn
+
+
+class TinyConvNet(nn.Module):
+  """A patch-embedding conv and a 1x1 classifier: the smallest real Flax segmenter."""
+
+  @nn.compact
+  def __call__(self, x):
+    n, h, w, _ = x.shape
+    x = jnp.pad(x, ((0, 0), (0, -h % PATCH), (0, -w % PATCH), (0, 0)))
+    x = nn.relu(nn.Conv(16, (PATCH, PATCH), strides=PATCH)(x))
+    x = x + x.mean((1, 2), keepdims=True)
+    return nn.Conv(C, (1, 1))(x)
+
+
+# ----------------------------------------------------------------------------- NumPy reference
+
+
+def np_resize(x, out_h, out_w):
+  """PyTorch bilinear (align_corners=False) of (H, W, C) in float64, resize.py's matrices."""
+  x = np.asarray(x, np.float64)
+  mh = linear_matrix(x.shape[0], out_h).astype(np.float64)
+  mw = linear_matrix(x.shape[1], out_w).astype(np.float64)
+  x = np.tensordot(mh, x, axes=(1, 0))  # (out_h, W, C)
+  return np.moveaxis(np.tensordot(mw, x, axes=(1, 1)), 0, 1)  # (out_h, out_w, C)
+
+
+def np_softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def reference_scores(model, image, s: ev.EvalSettings, topk=None):
+  """What mmseg computes before the argmax, window by window; also MLSeg image outputs."""
+  h, w = image.shape[:2]
+  (ch, cw), (sh, sw) = s.crop, s.stride
+  total, best, chosen = 0.0, None, None
+  passes = s.passes
+  for scale, flip in passes:
+    hs, ws = ev.rescale_size(h, w, scale)
+    img = np.clip(np.floor(np_resize(image, hs, ws) + 0.5), 0, 255)
+    if flip:
+      img = img[:, ::-1]
+    img = (img - np.asarray(s.mean)) / np.asarray(s.std)
+    canvas, count = 0.0, np.zeros((hs, ws, 1))
+    for i in range(max(hs - ch + sh - 1, 0) // sh + 1):
+      for j in range(max(ws - cw + sw - 1, 0) // sw + 1):
+        y1, x1 = i * sh, j * sw
+        y2, x2 = min(y1 + ch, hs), min(x1 + cw, ws)
+        y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
+        win = img[y1:y2, x1:x2]
+        th, tw = win.shape[:2]
+        if s.small_window_multiple is None:  # ours: the window padded with zeros to the crop
+          win = np.pad(win, ((0, ch - th), (0, cw - tw), (0, 0)))
+        # (else mmseg itself: the window as it is; the model pads it to the patch grid.)
+        out = model(jnp.asarray(win[None], jnp.float32))
+        logits = out["logits"] if isinstance(out, dict) else out
+        p = s.patch_size
+        grid = np.asarray(logits[0], np.float64)[:-(-th // p), :-(-tw // p)]
+        full = np.zeros((hs, ws, grid.shape[-1]))
+        full[y1:y2, x1:x2] = np_resize(grid, th, tw)
+        canvas = canvas + full
+        count[y1:y2, x1:x2] += 1
+        if isinstance(out, dict):
+          il = np.asarray(out["image_logits"][0])
+          best = il if best is None else np.maximum(best, il)
+          top = np.zeros(il.shape, bool)
+          top[np.argsort(-il)[:topk]] = True
+          chosen = top if chosen is None else chosen | top
+    assert (count > 0).all()
+    out = np_resize(canvas / count, h, w)
+    if len(passes) > 1:
+      out = np_softmax(out)
+    if flip:
+      out = out[:, ::-1]
+    total = total + out
+  return total, best, chosen
+
+
+def settings(**kw):
+  base = dict(mean=MEAN, std=STD, test_scale=(64, 32), crop=(32, 32), stride=(32, 32),
+              patch_size=PATCH)
+  base.update(kw)
+  return ev.EvalSettings(**base)
+
+
+def run(model, records, s, *, labels=True, **kw):
+  kw.setdefault("num_classes", C)
+  out = []
+  for batch in ev.segment(model, records, s, with_labels=labels, keep_predictions=True,
+                          keep_scores=True, **kw):
+    out.extend(batch.images)
+  return sorted(out, key=lambda r: r.index)
+
+
+def make_records(sizes, seed=0, ignore_fraction=0.2, num_classes=C):
+  rng = np.random.default_rng(seed)
+  records = []
+  for i, (h, w) in enumerate(sizes):
+    label = rng.integers(0, num_classes, (h, w)).astype(np.int32)
+    label[rng.random((h, w)) < ignore_fraction] = IGNORE_LABEL
+    records.append({"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                    "label": label, "name": f"img{i}"})
+  return records
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+# (image h, w), crop, stride. The test scale is the image's own size (rescale factor 1), so
+# only the windowing is under test here; resizing is covered by the multi-scale test.
+WINDOW_CASES = [
+    ((20, 27), (32, 32), (32, 32)),  # smaller than the window
+    ((32, 32), (32, 32), (32, 32)),  # equal
+    ((32, 90), (32, 32), (20, 20)),  # wider, stride < window
+    ((75, 50), (32, 40), (24, 16)),  # larger both ways, overlapping, non-square
+    ((21, 75), (32, 32), (24, 24)),  # shorter than the window, longer than it the other way
+]
+
+
+@pytest.mark.parametrize("size,crop,stride", WINDOW_CASES)
+def test_sliding_window_logits_match_numpy_loop(size, crop, stride):
+  model = pooled_linear_model(seed=1)
+  records = make_records([size], seed=2)
+  s = settings(test_scale=(max(size), min(size)), crop=crop, stride=stride)
+  (got,) = run(model, records, s)
+  want, _, _ = reference_scores(model, records[0]["image"], s)
+  np.testing.assert_allclose(got.scores, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(got.prediction, want.argmax(-1))
+
+
+def test_small_window_multiple_gives_mmseg_exact_small_windows():
+  """With small_window_multiple = patch, a window on a small image is what mmseg feeds its
+  model (the image itself, padded by the model to the patch grid), not a padded crop."""
+  model = pooled_linear_model(seed=3)
+  size = (21, 75)
+  records = make_records([size], seed=4)
+  exact = settings(test_scale=(75, 21), crop=(32, 32), stride=(24, 24),
+                   small_window_multiple=PATCH)
+  (got,) = run(model, records, exact)
+  want, _, _ = reference_scores(model, records[0]["image"], exact)
+  np.testing.assert_allclose(got.scores, want, rtol=1e-4, atol=1e-4)
+  padded = settings(test_scale=(75, 21), crop=(32, 32), stride=(24, 24))
+  padded_want, _, _ = reference_scores(model, records[0]["image"], padded)
+  assert np.abs(padded_want - want).max() > 1e-2  # The two settings do differ.
+
+
+def test_multiscale_flip_matches_numpy_reference_on_flax_model():
+  net = TinyConvNet()
+  params = jax.jit(net.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  model = jax.jit(lambda x: net.apply(params, x))
+  records = make_records([(36, 52)], seed=5)
+  s = settings(test_scale=(64, 32), crop=(32, 32), stride=(24, 24),
+               ratios=(0.5, 1.0, 1.75), flip=True)
+  (got,) = run(model, records, s)
+  want, _, _ = reference_scores(model, records[0]["image"], s)
+  # Probabilities summed over 6 passes. The reference resizes the uint8 image in float64,
+  # the device in float32: a rare pixel rounds to the other grey level (one level ~ 0.017
+  # after normalisation), hence the tolerance.
+  np.testing.assert_allclose(got.scores, want, atol=2e-3)
+  assert (got.prediction == want.argmax(-1)).mean() > 0.995
+  assert np.allclose(got.scores.sum(-1), len(s.passes), atol=1e-4)
+
+
+def test_image_resize_matches_pytorch_bilinear_within_one_grey_level():
+  rng = np.random.default_rng(6)
+  image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+  s = settings(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop=(64, 96), stride=(64, 96))
+  hs, ws = 61, 88  # Upsampling, different factors per axis.
+  shape = ev.PassShape(1, 1, 64, 96, 64, 96)
+  windows = ev._cut_windows(
+      jnp.asarray(image[None]), jnp.asarray([[37, 53]], jnp.int32),
+      jnp.asarray([[hs, ws]], jnp.int32), np.bool_(False), shape=shape, orig=(37, 53),
+      settings=s, layout=(1, 1, 1), sharding=jax.sharding.SingleDeviceSharding(
+          jax.devices()[0]))
+  got = np.asarray(windows[0])
+  want = np.clip(np.floor(np_resize(image, hs, ws) + 0.5), 0, 255)
+  diff = np.abs(got[:hs, :ws] - want)
+  assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+  assert not got[hs:].any() and not got[:, ws:].any()  # padding is 0 after normalisation
+
+
+def test_batched_sharded_run_matches_per_image_reference_and_confusion():
+  """Several images of different shapes, batched two per call over 8 devices; predictions
+  and the confusion matrix equal the per-image reference."""
+  model = pooled_linear_model(seed=7)
+  sizes = [(40, 40), (40, 56), (56, 40), (40, 48), (40, 56), (48, 40), (40, 56)]
+  records = make_records(sizes, seed=8)
+  s = settings(test_scale=(56, 40), crop=(48, 48), stride=(32, 32))
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  got = run(model, records, s, mesh=mesh, images_per_batch=2, windows_per_call=8)
+  assert [r.index for r in got] == list(range(len(sizes)))
+  confusion = np.zeros((C, C), np.int64)
+  for r, rec in zip(got, records):
+    want, _, _ = reference_scores(model, rec["image"], s)
+    np.testing.assert_allclose(r.scores, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(r.prediction, want.argmax(-1))
+    valid = rec["label"] != IGNORE_LABEL
+    np.add.at(confusion, (rec["label"][valid], r.prediction[valid]), 1)
+  results = ev.evaluate(model, records, num_classes=C, mean=MEAN, std=STD,
+                        test_scale=(56, 40), crop=(48, 48), stride=(32, 32),
+                        patch_size=PATCH, mesh=mesh, images_per_batch=2)
+  want = metrics_lib.segmentation_metrics(confusion)
+  assert results["labelled_pixels"] == sum((r["label"] >= 0).sum() for r in records)
+  for k in ("aAcc", "mIoU", "mAcc"):
+    assert results[k] == pytest.approx(want[k], abs=1e-12)
+
+
+def test_mlseg_fill_survives_and_image_outputs_match_reference():
+  k = 2
+  model = pooled_linear_model(seed=9, topk=k)
+  records = make_records([(30, 70)], seed=10)
+  s = settings(test_scale=(70, 30), crop=(32, 32), stride=(24, 24))
+  (got,) = run(model, records, s, topk=k)
+  want, best, chosen = reference_scores(model, records[0]["image"], s, topk=k)
+  np.testing.assert_allclose(got.scores, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got.image_scores, best, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got.selected, chosen)
+  never = ~chosen
+  assert never.any()  # Some class is selected by no window: its logits stay -100.
+  np.testing.assert_allclose(got.scores[..., never], -100.0, atol=1e-3)
+  assert np.isin(got.prediction, np.flatnonzero(chosen)).all()
+  results = ev.evaluate(model, records, num_classes=C, mean=MEAN, std=STD,
+                        test_scale=(70, 30), crop=(32, 32), stride=(24, 24),
+                        patch_size=PATCH, topk=k)
+  hist = np.bincount(records[0]["label"][records[0]["label"] >= 0], minlength=C)
+  assert results["multilabel"]["mAP"] == pytest.approx(
+      metrics_lib.average_precision(best, hist > 0))
+  assert results["multilabel"]["recall"] == pytest.approx(
+      (chosen & (hist > 0)).sum() / (hist > 0).sum())
+
+
+def test_model_output_with_wrong_grid_is_a_clear_error():
+  bad = jax.jit(lambda x: jnp.zeros((x.shape[0], 3, 3, C)))
+  with pytest.raises(ValueError, match="token grid"):
+    run(bad, make_records([(32, 32)]), settings())
+
+
+def test_bad_label_values_name_the_image():
+  records = make_records([(32, 32)])
+  records[0]["label"][0, 0] = C
+  with pytest.raises(ValueError, match="img0"):
+    run(pooled_linear_model(), records, settings())
+
+
+def test_host_split_covers_every_image_once():
+  for n, hosts in [(7, 2), (8, 4), (3, 4), (1, 1)]:
+    parts = [ev.host_indices(n, p, hosts) for p in range(hosts)]
+    assert len({len(p) for p in parts}) == 1
+    flat = [i for p in parts for i in p if i is not None]
+    assert sorted(flat) == list(range(n))
+
+
+def test_batch_stream_runs_the_same_shapes_on_two_simulated_hosts():
+  """Two processes (threads) bin their own images; an allgather by barrier makes them agree:
+  both yield the same sequence of shapes and every image comes out exactly once."""
+  s = settings(test_scale=(64, 32), crop=(32, 32), stride=(32, 32))
+  rng = np.random.default_rng(11)
+  sizes = [tuple(int(v) for v in rng.choice([20, 40, 64, 90], 2)) for _ in range(23)]
+  records = [{"image": np.zeros((h, w, 3), np.uint8), "name": str(i)}
+             for i, (h, w) in enumerate(sizes)]
+  hosts, slots, barrier = 2, [None, None], threading.Barrier(2)
+
+  def allgather_for(p):
+    def allgather(x):
+      slots[p] = np.asarray(x)
+      barrier.wait()
+      out = np.stack(slots)
+      barrier.wait()
+      return out
+    return allgather
+
+  shape_of = lambda rec: s.batch_shape(*rec["image"].shape[:2])
+  code_len = 2 + 6 * len(s.passes)
+  outputs = [None, None]
+
+  def host(p):
+    items = ev.read_ahead(records, ev.host_indices(len(records), p, hosts), threads=2, depth=3)
+    outputs[p] = list(ev.batch_stream(items, shape_of, 3, code_len, allgather_for(p)))
+
+  threads = [threading.Thread(target=host, args=(p,)) for p in range(hosts)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  a, b = outputs
+  assert [x.shape for x in a] == [x.shape for x in b]
+  assert all(x.max_items == y.max_items == max(len(x.items), len(y.items)) for x, y in zip(a, b))
+  seen = [i for out in outputs for batch in out for i, _ in batch.items]
+  assert sorted(seen) == list(range(len(records)))
+  for out in outputs:
+    for batch in out:
+      assert 0 < batch.max_items <= 3
+      for i, rec in batch.items:
+        assert shape_of(rec) == batch.shape
+
+
+def test_bucket_length_bounds_padding():
+  for n in range(1, 5000, 7):
+    b = ev.bucket_length(n)
+    assert b >= n and (n <= 64 or b <= n * 1.125 + 1)
+
+
+CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+
+
+def camvid_val_records(n):
+  from PIL import Image
+
+  images = sorted((CAMVID / "images" / "val").glob("*.jpg"))[:n]
+  if not images:
+    pytest.skip(f"no CamVid images under {CAMVID}")
+  records = []
+  for path in images:
+    label = np.asarray(Image.open(CAMVID / "labels" / "val" / f"{path.stem}.png"), np.int32)
+    records.append({"image": np.asarray(Image.open(path).convert("RGB")),
+                    "label": np.where(label == 255, IGNORE_LABEL, label), "name": path.stem})
+  return records
+
+
+class Patch16Net(nn.Module):
+  """Patch-16 conv + 3x3 conv + classifier, 11 classes: real window and grid sizes."""
+
+  @nn.compact
+  def __call__(self, x):
+    _, h, w, _ = x.shape
+    x = jnp.pad(x, ((0, 0), (0, -h % 16), (0, -w % 16), (0, 0)))
+    x = nn.Conv(16, (16, 16), strides=16)(x)
+    x = x + nn.Conv(16, (3, 3))(nn.relu(x))
+    return nn.Dense(11)(x)
+
+
+@pytest.mark.slow
+def test_camvid_val_at_real_shapes_matches_reference():
+  """CamVid 360x480 images at test scale (2048, 512): 512x683, two 512 windows each, through
+  `evaluate` on 8 devices."""
+  records = camvid_val_records(3)
+  net = Patch16Net()
+  params = jax.jit(net.init)(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))
+  model = jax.jit(lambda x: net.apply(params, x))
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  geometry = dict(test_scale=(2048, 512), crop=(512, 512), stride=(512, 512), patch_size=16)
+  results = ev.evaluate(model, records, num_classes=11, mean=MEAN, std=STD, mesh=mesh,
+                        images_per_batch=2, **geometry)
+  confusion = np.zeros((11, 11), np.int64)
+  for rec in records:
+    want, _, _ = reference_scores(model, rec["image"], settings(**geometry))
+    valid = rec["label"] >= 0
+    np.add.at(confusion, (rec["label"][valid], want.argmax(-1)[valid]), 1)
+  want = metrics_lib.segmentation_metrics(confusion)
+  assert results["labelled_pixels"] == want["labelled_pixels"]
+  assert results["aAcc"] == pytest.approx(want["aAcc"], abs=1e-4)
+  assert results["mIoU"] == pytest.approx(want["mIoU"], abs=1e-3)

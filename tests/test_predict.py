@@ -1,0 +1,116 @@
+"""Prediction pictures: input-sized masks in the palette's colours, overlays, MLSeg classes."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlseg_jax import evaluate as ev
+from mlseg_jax import predict
+
+PATCH = 8
+PALETTE = [(200, 10, 10), (10, 200, 10), (10, 10, 200)]
+NAMES = ["red thing", "green thing", "blue thing"]
+GEOMETRY = dict(test_scale=(64, 32), crop=(32, 32), stride=(24, 24), patch_size=PATCH)
+
+
+def colour_model(topk=None):
+  """Class = dominant colour channel of each patch (mean 0, std 1: raw pixel values)."""
+
+  @jax.jit
+  def logits_fn(x):
+    n, h, w, _ = x.shape
+    gh, gw = -(-h // PATCH), -(-w // PATCH)
+    x = jnp.pad(x, ((0, 0), (0, gh * PATCH - h), (0, gw * PATCH - w), (0, 0)))
+    logits = x.reshape(n, gh, PATCH, gw, PATCH, 3).mean((2, 4)) / 255.0
+    if topk is None:
+      return logits
+    image_logits = logits.mean((1, 2)) * 4 - 1
+    keep = jax.nn.one_hot(jax.lax.top_k(image_logits, topk)[1], 3).sum(1) > 0
+    return {"logits": jnp.where(keep[:, None, None], logits, -100.0),
+            "image_logits": image_logits}
+
+  return logits_fn
+
+
+def two_colour_image(h, w):
+  image = np.zeros((h, w, 3), np.uint8)
+  image[:, : w // 2, 0] = 230  # left red
+  image[:, w // 2:, 2] = 230  # right blue
+  return image
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+  d = tmp_path / "images"
+  d.mkdir()
+  Image.fromarray(two_colour_image(45, 100)).save(d / "wide.png")  # larger than the window
+  Image.fromarray(two_colour_image(20, 26)).save(d / "small.png")  # smaller than the window
+  Image.fromarray(two_colour_image(50, 30)[..., 0]).save(d / "gray.png")  # mode L
+  (d / "notes.txt").write_text("not an image")
+  return d
+
+
+def test_predict_writes_input_sized_palette_masks_and_overlays(image_dir, tmp_path):
+  out_dir = tmp_path / "out"
+  written = predict.predict_images(
+      colour_model(), image_dir, out_dir, mean=(0, 0, 0), std=(1, 1, 1), palette=PALETTE,
+      class_names=NAMES, **GEOMETRY)
+  assert sorted(w["image"].split("/")[-1] for w in written) == ["gray.png", "small.png",
+                                                                "wide.png"]
+  palette = np.asarray(PALETTE, np.uint8)
+  for w in written:
+    source = np.asarray(Image.open(w["image"]).convert("RGB"))
+    mask = np.asarray(Image.open(w["mask"]))
+    over = np.asarray(Image.open(w["overlay"]))
+    assert mask.shape == over.shape == source.shape
+    colours = {tuple(c) for c in mask.reshape(-1, 3)}
+    assert colours <= {tuple(c) for c in PALETTE}
+    np.testing.assert_array_equal(
+        over, np.round(0.5 * source.astype(float) + 0.5 * mask.astype(float)).astype(np.uint8))
+    if "gray" not in w["image"]:  # red left quarter, blue right quarter
+      q = source.shape[1] // 4
+      assert (mask[:, :q] == palette[0]).all() and (mask[:, -q:] == palette[2]).all()
+    assert "classes" not in w  # not an MLSeg model
+  # The mask is exactly the evaluation's prediction, coloured.
+  records = [{"image": np.asarray(Image.open(image_dir / "wide.png").convert("RGB")),
+              "name": "wide"}]
+  settings = ev.EvalSettings(mean=(0, 0, 0), std=(1, 1, 1), **GEOMETRY)
+  (batch,) = ev.segment(colour_model(), records, settings, num_classes=3, with_labels=False,
+                        keep_predictions=True)
+  np.testing.assert_array_equal(np.asarray(Image.open(out_dir / "wide_mask.png")),
+                                palette[batch.images[0].prediction])
+
+
+def test_predict_mlseg_writes_selected_classes(image_dir, tmp_path):
+  written = predict.predict_images(
+      colour_model(topk=1), image_dir / "wide.png", tmp_path / "out", mean=(0, 0, 0),
+      std=(1, 1, 1), palette=PALETTE, class_names=NAMES, topk=1, **GEOMETRY)
+  (w,) = written
+  classes = json.loads(open(w["classes"]).read())
+  names = [c["name"] for c in classes["selected"]]
+  # Windows over the left see mostly red, over the right mostly blue; green never wins.
+  assert set(names) == {"red thing", "blue thing"} and classes["topk"] == 1
+  scores = [c["score"] for c in classes["selected"]]
+  assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
+  mask = np.asarray(Image.open(w["mask"]))
+  assert not (mask == np.asarray(PALETTE[1], np.uint8)).all(-1).any()
+
+
+def test_predict_needs_topk_for_mlseg_and_rejects_bad_inputs(image_dir, tmp_path):
+  kw = dict(mean=(0, 0, 0), std=(1, 1, 1), class_names=NAMES, **GEOMETRY)
+  with pytest.raises(ValueError, match="topk"):
+    predict.predict_images(colour_model(topk=1), image_dir / "small.png", tmp_path / "o",
+                           palette=PALETTE, **kw)
+  with pytest.raises(ValueError, match="palette"):
+    predict.predict_images(colour_model(), image_dir, tmp_path / "o", palette=PALETTE[:2], **kw)
+  with pytest.raises(FileNotFoundError, match="missing"):
+    predict.predict_images(colour_model(), tmp_path / "missing", tmp_path / "o",
+                           palette=PALETTE, **kw)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="no image files"):
+    predict.predict_images(colour_model(), tmp_path / "empty", tmp_path / "o",
+                           palette=PALETTE, **kw)
