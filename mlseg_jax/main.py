@@ -64,6 +64,16 @@ def validate_config(config, num_devices: int | None = None) -> None:
   elif (t.batch_size // (data * fsdp)) % t.grad_accum_steps:
     problems.append(f"train.grad_accum_steps={t.grad_accum_steps} does not divide the "
                     f"per-device batch {t.batch_size // (data * fsdp)}")
+  try:
+    from mlseg_jax.evaluation_runner import dataset_info
+
+    n_data = dataset_info(d).num_classes
+  except (KeyError, ValueError) as e:
+    problems.append(f"data: {e}")
+  else:
+    if n_data != m.num_classes:
+      problems.append(f"model.num_classes={m.num_classes} but dataset {d.name!r} has "
+                      f"{n_data} classes")
   if t.total_steps <= 0:
     problems.append(f"train.total_steps={t.total_steps} must be positive")
   if any(s > c for s, c in zip(config.eval.stride, d.crop_size)):
@@ -73,9 +83,18 @@ def validate_config(config, num_devices: int | None = None) -> None:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
 
+class _QuietLibraries:
+  """Keeps Orbax's and Grain's per-save INFO chatter out of the training log."""
+
+  def filter(self, record):
+    return record.levelno >= 30 or not any(
+        f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "etils"))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   from mlseg_jax import distributed
 
   distributed.initialize()

@@ -51,10 +51,7 @@ def sample_inputs(config, batch: int = 1):
   return jnp.zeros((batch, h, w, 3)), jnp.zeros((batch, h, w), jnp.int32)
 
 
-def create_train_state(config, model, tx, mesh):
-  """(state, shardings): the state created directly in its target sharding."""
-  rng = jax.random.PRNGKey(config.train.seed)
-
+def _init_fn(config, model, tx):
   def init(rng):
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
     images, labels = sample_inputs(config)
@@ -64,11 +61,22 @@ def create_train_state(config, model, tx, mesh):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=state_rng)
 
-  abstract = jax.eval_shape(init, rng)
+  return init
+
+
+def abstract_train_state(config, model, tx, mesh):
+  """(shape-only state, its shardings): what a restore needs, without computing anything."""
+  abstract = jax.eval_shape(_init_fn(config, model, tx), jax.random.PRNGKey(0))
   shardings = sharding_lib.tree_shardings(mesh, abstract, config.mesh.rules,
                                           config.mesh.min_fsdp_size)
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  return state, shardings
+  return abstract, shardings
+
+
+def create_train_state(config, model, tx, mesh):
+  """(state, shardings): the state created directly in its target sharding."""
+  _, shardings = abstract_train_state(config, model, tx, mesh)
+  init = jax.jit(_init_fn(config, model, tx), out_shardings=shardings)
+  return init(jax.random.PRNGKey(config.train.seed)), shardings
 
 
 def abstract_params(config, model):

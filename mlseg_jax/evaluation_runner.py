@@ -1,0 +1,164 @@
+"""From a config and a workdir to numbers and pictures: `--mode eval`, `--mode predict`,
+and the periodic evaluation during training.
+
+Weights come from the workdir's latest training checkpoint, else from `config.init_from`
+(a directory written by `mlseg_jax.convert`, loaded strictly: every parameter must be
+there, so a backbone-only AugReg conversion is refused here).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+
+from mlseg_jax import data as data_lib
+from mlseg_jax import distributed
+from mlseg_jax import evaluate as evaluate_lib
+from mlseg_jax import metrics as metrics_lib
+from mlseg_jax import sharding as sharding_lib
+from mlseg_jax.models.segmenter import build_model
+from mlseg_jax.models.vit import VARIANTS
+
+
+def _check_supported(config):
+  if config.model.decoder == "mlseg_gt":
+    raise NotImplementedError(
+        "evaluating the +GT oracle (model.decoder='mlseg_gt') needs each image's ground-truth "
+        "class set inside the sliding-window pass, which the evaluator does not carry yet")
+
+
+def dataset_info(data_config):
+  """Class names, palette and normalisation of the config's dataset (no files read)."""
+  from mlseg_jax.data import datasets
+
+  if data_config.name in datasets.INFOS:
+    return datasets.INFOS[data_config.name]
+  return datasets.user_info(data_config)
+
+
+def make_logits_fn(model, params):
+  """windows (N, h, w, 3) -> {"logits", ["image_logits"]}, jitted once per window shape."""
+
+  @jax.jit
+  def forward(params, windows):
+    out = model.apply({"params": params}, windows, train=False)
+    keep = {"logits": out["logits"]}
+    if "image_logits" in out:
+      keep["image_logits"] = out["image_logits"]
+    return keep
+
+  return lambda windows: forward(params, windows)
+
+
+class _FirstN(Sequence):
+  """The first n records of a dataset, still read lazily."""
+
+  def __init__(self, records, n):
+    self.records, self.n = records, min(n, len(records)) if n else len(records)
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.records[i]
+
+
+def _settings(config) -> dict[str, Any]:
+  e = config.eval
+  ratios, flip = (tuple(e.scales), e.flip) if e.multi_scale else ((1.0,), False)
+  return dict(test_scale=tuple(config.data.test_scale), crop=tuple(config.data.crop_size),
+              stride=tuple(e.stride), ratios=ratios, flip=flip,
+              patch_size=VARIANTS[config.model.backbone][3])
+
+
+def evaluate_params(config, params, mesh, *, workdir=None, step=None, name=None):
+  """Runs the configured evaluation of `params`; writes JSON + table; returns scalars."""
+  _check_supported(config)
+  dataset = data_lib.get_dataset(config.data, config.eval.split)
+  records = _FirstN(dataset, config.eval.max_images)
+  topk = config.model.topk if config.model.decoder.startswith("mlseg") else None
+  results = evaluate_lib.evaluate(
+      make_logits_fn(build_model(config.model), params), records,
+      num_classes=config.model.num_classes, mean=dataset.mean, std=dataset.std,
+      class_names=dataset.class_names, topk=topk, mesh=mesh,
+      data_axis=sharding_lib.BATCH_AXES[0], windows_per_call=config.eval.windows_per_batch,
+      **_settings(config))
+  kind = "ms_flip" if config.eval.multi_scale else "ss"
+  if workdir is not None and distributed.is_main_process():
+    out = epath.Path(workdir) / "eval"
+    name = name or (f"step_{step}_{kind}" if step is not None else kind)
+    path = metrics_lib.write_results(results, out, name)
+    logging.info("evaluation written to %s\n%s", path, metrics_lib.format_table(results))
+  logging.info("%s mIoU=%.2f aAcc=%.2f mAcc=%.2f (%d images)", kind, 100 * results["mIoU"],
+               100 * results["aAcc"], 100 * results["mAcc"], len(records))
+  return metrics_lib.tensorboard_scalars(results, prefix=kind)
+
+
+def periodic_eval_fn(config, workdir):
+  """`fn(params, step) -> scalars` for the training loop (None for the +GT oracle)."""
+  if config.model.decoder == "mlseg_gt":
+    logging.warning("no periodic evaluation for the +GT oracle head")
+    return None
+  mesh = sharding_lib.make_mesh(config.mesh)
+  return lambda params, step: evaluate_params(config, params, mesh, workdir=workdir, step=step)
+
+
+def load_params_for_eval(config, workdir, mesh):
+  """(params, where they came from): the latest checkpoint in workdir, else init_from."""
+  from mlseg_jax import optimizer as optim_lib
+  from mlseg_jax import pretrained
+  from mlseg_jax import train as train_lib
+
+  model = build_model(config.model)
+  abstract = train_lib.abstract_params(config, model)
+  shardings = sharding_lib.tree_shardings(mesh, abstract, config.mesh.rules,
+                                          config.mesh.min_fsdp_size)
+  if workdir and (epath.Path(workdir) / "checkpoints").exists():
+    mngr = train_lib.checkpoint_manager(workdir, config)
+    step = mngr.latest_step()
+    if step is not None:
+      tx, _ = optim_lib.make_optimizer(config.optim, abstract, config.train.total_steps)
+      state, state_shardings = train_lib.abstract_train_state(config, model, tx, mesh)
+      restored = train_lib.restore_checkpoint(mngr, state, state_shardings)
+      return restored.params, f"{mngr.directory}/{step}"
+  if config.init_from:
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return pretrained.load_params(config.init_from, target=target), config.init_from
+  raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints and no "
+                          "--config.init_from: nothing to evaluate")
+
+
+def evaluate_checkpoint(config, workdir):
+  mesh = sharding_lib.make_mesh(config.mesh)
+  params, source = load_params_for_eval(config, workdir, mesh)
+  logging.info("evaluating %s", source)
+  scalars = evaluate_params(config, params, mesh, workdir=workdir)
+  if distributed.is_main_process():
+    print(json.dumps(scalars, indent=2))
+  return scalars
+
+
+def predict(config, workdir, images, output):
+  _check_supported(config)
+  from mlseg_jax import predict as predict_lib
+
+  mesh = sharding_lib.make_mesh(config.mesh)
+  params, source = load_params_for_eval(config, workdir, mesh)
+  dataset = dataset_info(config.data)
+  topk = config.model.topk if config.model.decoder.startswith("mlseg") else None
+  written = predict_lib.predict_images(
+      make_logits_fn(build_model(config.model), params), images, output,
+      mean=dataset.mean, std=dataset.std, palette=dataset.palette,
+      class_names=dataset.class_names, topk=topk, mesh=mesh,
+      data_axis=sharding_lib.BATCH_AXES[0], windows_per_call=config.eval.windows_per_batch,
+      **_settings(config))
+  logging.info("predicted %d images with %s into %s", len(written), source, output)
+  return written
