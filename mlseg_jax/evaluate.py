@@ -562,24 +562,26 @@ class BatchResult:
   has_image_logits: bool = False  # the model returned image logits (same on every process)
 
 
-def _data_layout(mesh: Mesh, axis: str) -> tuple[int, int, int]:
-  """(blocks, local shards, shards): the data axis must give each process a contiguous,
-  equal share of its positions, one block per process."""
-  if axis not in mesh.axis_names:
-    raise ValueError(f"mesh has axes {mesh.axis_names}, no data axis {axis!r}")
-  k = mesh.axis_names.index(axis)
-  shards = mesh.shape[axis]
+def _data_layout(mesh: Mesh, axes: tuple[str, ...]) -> tuple[int, int, int]:
+  """(blocks, local shards, shards) of the data axes (major to minor, as PartitionSpec reads
+  a tuple of axes): each process must hold a contiguous, equal run of their positions."""
+  missing = [a for a in axes if a not in mesh.axis_names]
+  if missing:
+    raise ValueError(f"mesh has axes {mesh.axis_names}, no data axis {missing}")
+  dims = [mesh.axis_names.index(a) for a in axes]
+  sizes = [mesh.shape[a] for a in axes]
+  shards = int(np.prod(sizes))
   me = jax.process_index()
-  mine = sorted({idx[k] for idx in np.ndindex(mesh.devices.shape)
+  mine = sorted({int(np.ravel_multi_index([idx[d] for d in dims], sizes))
+                 for idx in np.ndindex(mesh.devices.shape)
                  if mesh.devices[idx].process_index == me})
   if not mine:
     raise ValueError(f"process {me} has no device in the mesh {mesh}")
   contiguous = mine == list(range(mine[0], mine[0] + len(mine)))
   if not contiguous or len(mine) * jax.process_count() != shards:
     raise ValueError(
-        f"the mesh's {axis!r} axis ({shards} positions) must be split evenly and "
-        f"contiguously over the {jax.process_count()} processes; process {me} holds "
-        f"positions {mine}")
+        f"the data axes {axes} ({shards} positions) must be split evenly and contiguously "
+        f"over the {jax.process_count()} processes; process {me} holds positions {mine}")
   return jax.process_count(), len(mine), shards
 
 
@@ -633,8 +635,8 @@ def _unpack_model_output(out, n_windows: int, window: tuple[int, int], patch: in
 
 def segment(logits_fn: Callable[[jax.Array], Any], records: Sequence[dict[str, Any]],
             settings: EvalSettings, *, num_classes: int, topk: int | None = None,
-            mesh: Mesh | None = None, data_axis: str = "data", images_per_batch: int = 4,
-            windows_per_call: int = 8, with_labels: bool = True,
+            mesh: Mesh | None = None, data_axis: str | Sequence[str] = "data",
+            images_per_batch: int = 4, windows_per_call: int = 8, with_labels: bool = True,
             keep_predictions: bool = False, keep_scores: bool = False, read_threads: int = 4,
             allgather: Callable[[np.ndarray], np.ndarray] = _process_allgather,
             ) -> Iterator[BatchResult]:
@@ -644,14 +646,19 @@ def segment(logits_fn: Callable[[jax.Array], Any], records: Sequence[dict[str, A
   IGNORE_LABEL (only with `with_labels`), "name": str}. `logits_fn(windows)` takes
   normalised windows (N, wh, ww, 3) float32 (a global array sharded over `data_axis`) and
   returns logits (N, ceil(wh / p), ceil(ww / p), C) or {"logits": ..., "image_logits":
-  (N, C)}. Every process must call this with the same arguments (see the module docstring).
+  (N, C)}. Windows and images are sharded over `data_axis`, one mesh axis name or several
+  (e.g. ("data", "fsdp"): every device of such a mesh takes a share of the windows); with no
+  mesh, everything runs on the first local device. Every process must call this with the same
+  arguments (see the module docstring).
   """
+  axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
   if mesh is None:
     if jax.process_count() > 1:
-      raise ValueError("several processes: pass the mesh whose data axis spans them")
-    mesh = Mesh(np.asarray(jax.local_devices()[:1]), (data_axis,))
-  blocks, local_shards, shards = _data_layout(mesh, data_axis)
-  sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+      raise ValueError("several processes: pass the mesh whose data axes span them")
+    mesh = Mesh(np.asarray(jax.local_devices()[:1]).reshape((1,) * len(axes)), axes)
+  blocks, local_shards, shards = _data_layout(mesh, axes)
+  spec = PartitionSpec(axes)
+  sharding = NamedSharding(mesh, spec)
   bl = _round_up(max(images_per_batch, 1), local_shards)  # images per process and batch
   chunk = _round_up(max(windows_per_call, 1), local_shards)  # windows per process and call
   if topk is not None and not 0 < topk <= num_classes:
@@ -665,8 +672,7 @@ def segment(logits_fn: Callable[[jax.Array], Any], records: Sequence[dict[str, A
     return jax.make_array_from_process_local_data(sharding, local)
 
   def to_host(x) -> np.ndarray:
-    return np.asarray(multihost_utils.global_array_to_host_local_array(
-        x, mesh, PartitionSpec(data_axis)))
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
 
   def shape_of(record):
     _check_record(record, c, with_labels)
@@ -784,7 +790,8 @@ def evaluate(logits_fn: Callable[[jax.Array], Any], records: Sequence[dict[str, 
              test_scale: Sequence[int], crop: Sequence[int], stride: Sequence[int],
              ratios: Sequence[float] = (1.0,), flip: bool = False,
              class_names: Sequence[str] | None = None, topk: int | None = None,
-             mesh: Mesh | None = None, data_axis: str = "data", images_per_batch: int = 4,
+             mesh: Mesh | None = None, data_axis: str | Sequence[str] = "data",
+             images_per_batch: int = 4,
              windows_per_call: int = 8, patch_size: int = 16,
              small_window_multiple: int | None = None, log_every: int = 0,
              read_threads: int = 4, allgather: Callable[[np.ndarray], np.ndarray] = _process_allgather,

@@ -106,7 +106,7 @@ def predict_images(logits_fn: Callable[[jax.Array], Any],
                    topk: int | None = None, ratios: Sequence[float] = (1.0,),
                    flip: bool = False, alpha: float = 0.5, patch_size: int = 16,
                    small_window_multiple: int | None = None, mesh=None,
-                   data_axis: str = "data", images_per_batch: int = 1,
+                   data_axis: str | Sequence[str] = "data", images_per_batch: int = 1,
                    windows_per_call: int = 8) -> list[dict[str, str]]:
   """Writes mask, overlay (and MLSeg classes) for each image; returns the written paths.
 

@@ -232,8 +232,9 @@ def test_image_resize_matches_pytorch_bilinear_within_one_grey_level():
 
 
 def test_batched_sharded_run_matches_per_image_reference_and_confusion():
-  """Several images of different shapes, batched two per call over 8 devices; predictions
-  and the confusion matrix equal the per-image reference."""
+  """Several images of different shapes, batched two per call over 8 devices (a 1-D mesh,
+  then a 2x4 mesh sharded over both axes); predictions and the confusion matrix equal the
+  per-image reference."""
   model = pooled_linear_model(seed=7)
   sizes = [(40, 40), (40, 56), (56, 40), (40, 48), (40, 56), (48, 40), (40, 56)]
   records = make_records(sizes, seed=8)
@@ -248,9 +249,11 @@ def test_batched_sharded_run_matches_per_image_reference_and_confusion():
     np.testing.assert_array_equal(r.prediction, want.argmax(-1))
     valid = rec["label"] != IGNORE_LABEL
     np.add.at(confusion, (rec["label"][valid], r.prediction[valid]), 1)
+  mesh_2d = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "fsdp"))
   results = ev.evaluate(model, records, num_classes=C, mean=MEAN, std=STD,
                         test_scale=(56, 40), crop=(48, 48), stride=(32, 32),
-                        patch_size=PATCH, mesh=mesh, images_per_batch=2)
+                        patch_size=PATCH, mesh=mesh_2d, data_axis=("data", "fsdp"),
+                        images_per_batch=2)
   want = metrics_lib.segmentation_metrics(confusion)
   assert results["labelled_pixels"] == sum((r["label"] >= 0).sum() for r in records)
   for k in ("aAcc", "mIoU", "mAcc"):
@@ -285,6 +288,12 @@ def test_model_output_with_wrong_grid_is_a_clear_error():
   bad = jax.jit(lambda x: jnp.zeros((x.shape[0], 3, 3, C)))
   with pytest.raises(ValueError, match="token grid"):
     run(bad, make_records([(32, 32)]), settings())
+
+
+def test_mesh_without_the_data_axis_is_a_clear_error():
+  mesh = Mesh(np.asarray(jax.devices()), ("batch",))
+  with pytest.raises(ValueError, match="no data axis"):
+    run(pooled_linear_model(), make_records([(32, 32)]), settings(), mesh=mesh)
 
 
 def test_bad_label_values_name_the_image():
