@@ -1,0 +1,65 @@
+"""The command line: train -> eval -> predict on the quickstart config, and refusals."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, SHARED_DATA
+
+TINY = ["--config.model.backbone_depth=2", "--config.data.crop_size=(64,64)",
+        "--config.data.img_scale=(120,90)", "--config.data.test_scale=(120,90)",
+        "--config.eval.stride=(64,64)", "--config.eval.max_images=4",
+        "--config.train.log_every=3", "--config.train.checkpoint_every=3"]
+
+
+def _main(*args, check=True):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-m", "mlseg_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+@pytest.mark.slow
+def test_quickstart_trains_evaluates_and_predicts(tmp_path):
+  workdir = tmp_path / "wd"
+  config = ["--config", "configs/quickstart.py", "--workdir", str(workdir), *TINY]
+  _main(*config, "--config.train.total_steps=3", "--config.train.eval_every=3")
+  assert (workdir / "checkpoints" / "3").is_dir()
+  assert (workdir / "eval" / "step_3_ss.json").is_file()
+  assert list((workdir / "tensorboard").iterdir())
+
+  out = _main(*config, "--mode", "eval", "--config.eval.multi_scale=True",
+              "--config.eval.scales=(0.75,1.0)")
+  results = json.loads((workdir / "eval" / "ms_flip.json").read_text())
+  assert 0.0 <= results["mIoU"] <= 1.0 and results["num_images"] == 4
+  assert len(results["IoU"]) == 11 and "sky" in results["IoU"]
+  assert "ms_flip/mIoU" in out.stdout
+  assert "pole" in (workdir / "eval" / "ms_flip.txt").read_text()
+
+  images = SHARED_DATA / "camvid" / "images" / "val"
+  one = sorted(images.iterdir())[0]
+  _main(*config, "--mode", "predict", "--images", str(one), "--output", str(tmp_path / "pred"))
+  pictures = sorted(p.name for p in (tmp_path / "pred").iterdir())
+  assert any("overlay" in p for p in pictures) and any("mask" in p for p in pictures)
+  mask = [p for p in (tmp_path / "pred").iterdir() if "mask" in p.name][0]
+  assert Image.open(mask).size == Image.open(one).size
+
+
+def test_bad_overrides_are_refused(tmp_path):
+  base = ["--config", "configs/quickstart.py", "--workdir", str(tmp_path)]
+  proc = _main(*base, "--config.train.batchsize=4", check=False)
+  assert proc.returncode != 0 and "batchsize" in proc.stderr
+  proc = _main(*base, "--config.model.topk=20", check=False)
+  assert proc.returncode != 0 and "model.topk=20" in proc.stderr
+  proc = _main(*base, "--config.train.batch_size=7", check=False)
+  assert proc.returncode != 0 and "not divisible by the data-parallel size 2" in proc.stderr
+  proc = _main(*base, "--mode", "eval", check=False)
+  assert proc.returncode != 0 and "nothing to evaluate" in proc.stderr
