@@ -1,0 +1,285 @@
+"""The benchmark: its FLOP and MFU arithmetic against hand counts, the batch sweep, XLA's
+analyses on every backend shape, and one end-to-end run of the command on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import REPO, tiny_model_config
+from mlseg_jax import bench
+
+
+def tiny_config(decoder="linear", crop=(32, 48), **model):
+  from configs.common import get_base_config
+
+  config = get_base_config()
+  config.unlock()
+  config.model = tiny_model_config(decoder=decoder, num_classes=5, img_size=crop, **model)
+  config.lock()
+  config.data.crop_size = crop
+  return config
+
+
+# ---------------------------------------------------------------------------------------
+# Hand counts. Every matmul written out as 2 x M x K x N.
+
+
+def test_mfu_of_one_dense_layer_against_a_hand_count():
+  # A Dense layer 8 -> 16 on 4 inputs: 2*4*8*16 = 1024 FLOPs forward, 3072 for training.
+  train_flops = 3 * 2 * 4 * 8 * 16
+  assert train_flops == 3072
+  # 3072 FLOPs in 1 us = 3.072e9 FLOP/s = 0.003072 TFLOP/s; against a 0.01 TFLOP/s peak
+  # that is 30.72 %; the same work on 2 devices is half of that per device.
+  assert bench.achieved_tflops(train_flops, 1e-6) == pytest.approx(0.003072)
+  assert bench.mfu(train_flops, 1e-6, 0.01) == pytest.approx(0.3072)
+  assert bench.mfu(train_flops, 1e-6, 0.01, num_devices=2) == pytest.approx(0.1536)
+  with pytest.raises(ValueError, match="peak_tflops"):
+    bench.mfu(train_flops, 1e-6, 0.0)
+  with pytest.raises(ValueError, match="seconds"):
+    bench.achieved_tflops(train_flops, 0.0)
+
+  # XLA's own count of that layer, through the same helper the benchmark uses.
+  compiled = jax.jit(lambda x, w: x @ w).lower(jnp.ones((4, 8)), jnp.ones((8, 16))).compile()
+  assert bench.xla_flops(compiled) == 1024
+
+
+def _block(n, d, f):
+  """One transformer block, matmul by matmul (n tokens, width d, MLP width f)."""
+  qkv = 2 * n * d * (3 * d)
+  logits = 2 * n * n * d  # all heads together: (n x d/h) @ (d/h x n), h times
+  values = 2 * n * n * d
+  proj = 2 * n * d * d
+  fc1, fc2 = 2 * n * d * f, 2 * n * f * d
+  return qkv + logits + values + proj + fc1 + fc2
+
+
+def test_model_flops_of_a_tiny_vit_with_a_linear_decoder_against_a_hand_count():
+  # Width 64, depth 2, 4 heads, patch 16 on a 32x48 crop: a 2x3 grid, 6 patches + [CLS].
+  config = tiny_config("linear", crop=(32, 48))
+  patch_embedding = 2 * 6 * (16 * 16 * 3) * 64
+  blocks = 2 * (2 * 7 * 64 * 192 + 2 * 7 * 7 * 64 + 2 * 7 * 7 * 64 + 2 * 7 * 64 * 64
+                + 2 * 7 * 64 * 256 + 2 * 7 * 256 * 64)
+  assert blocks == 2 * _block(7, 64, 256) == 1_401_344
+  head = 2 * 6 * 64 * 5  # tokens -> 5 classes
+  # Logits (2, 3, 5) -> (32, 48, 5): rows (32 x 2) @ (2 x 3*5), then columns
+  # (48 x 3) @ (3 x 32*5).
+  upsample = 2 * 32 * 2 * (3 * 5) + 2 * 48 * 3 * (32 * 5)
+  forward = patch_embedding + blocks + head + upsample
+  assert forward == 2_043_008
+  assert bench.flop_breakdown(config) == {
+      "patch_embedding": patch_embedding, "vit_blocks": blocks, "decoder": head,
+      "masks": 0, "upsample": upsample}
+  assert bench.model_flops(config, 2) == 3 * 2 * forward
+  assert bench.model_flops(config, 2, train=False) == 2 * forward
+
+  # MFU of a 2-image step taking 1 ms against a 1 TFLOP/s peak.
+  assert bench.mfu(bench.model_flops(config, 2), 1e-3, 1.0) == pytest.approx(
+      6 * 2_043_008 / 1e-3 / 1e12)
+
+
+def test_model_flops_of_the_mask_transformer_and_mlseg_heads_against_hand_counts():
+  vit = 2 * 6 * 768 * 64 + 2 * _block(7, 64, 256)
+  # Mask transformer, d_model 32, 1 block, d_ff 64: 6 patches + 5 class tokens.
+  config = tiny_config("mask_transformer", crop=(32, 48), d_model=32, n_heads=4, d_ff=64,
+                       n_layers=1)
+  b = bench.flop_breakdown(config)
+  assert b["patch_embedding"] + b["vit_blocks"] == vit
+  assert b["decoder"] == 2 * 6 * 64 * 32 + _block(6 + 5, 32, 64)
+  assert b["masks"] == 2 * 6 * 32 * 32 + 2 * 5 * 32 * 32 + 2 * 6 * 5 * 32
+
+  # MLSeg, 2 blocks (block 0 = multi-label branch over a 1x1 pooled token), top-2 of 5.
+  config = tiny_config("mlseg", crop=(32, 48), d_model=32, n_heads=4, d_ff=64, n_layers=2,
+                       topk=2, downsample=1)
+  b = bench.flop_breakdown(config)
+  proj_dec = 2 * 6 * 64 * 32 + 2 * 1 * 64 * 32  # patch tokens, then the pooled token
+  block0 = _block(1 + 5, 32, 64)
+  group_wise_linear = 2 * 5 * 32
+  segmentation = _block(6 + 2, 32, 64)
+  assert b["decoder"] == proj_dec + block0 + group_wise_linear + segmentation
+  assert b["masks"] == 2 * 6 * 32 * 32 + 2 * 2 * 32 * 32 + 2 * 6 * 2 * 32
+  # Training upsamples the k = 2 rank slots the loss reads; evaluation all 5 classes.
+  assert b["upsample"] == 2 * 2 * (32 * 2 * 3 + 32 * 48 * 3)
+  assert bench.flop_breakdown(config, train=False)["upsample"] == 2 * 5 * (32 * 2 * 3
+                                                                            + 32 * 48 * 3)
+  # downsample = 0: block 0 sees every patch token, no pooled projection.
+  config.model.downsample = 0
+  b0 = bench.flop_breakdown(config)
+  assert b0["decoder"] == 2 * 6 * 64 * 32 + _block(6 + 5, 32, 64) + group_wise_linear \
+      + segmentation
+
+
+def test_model_flops_counts_oce_class_tokens_from_their_start_layer():
+  config = tiny_config("mask_transformer", crop=(32, 48), oce=True, oce_start_layer=1)
+  b = bench.flop_breakdown(config)
+  assert b["vit_blocks"] == _block(7, 64, 256) + _block(7 + 5, 64, 256)
+
+
+def test_the_analytic_count_is_the_matmul_part_of_xlas_count():
+  # XLA counts elementwise work too: its count is higher, but not by much.
+  from mlseg_jax.models.segmenter import build_model
+
+  config = tiny_config("linear", crop=(32, 48))
+  model = build_model(config.model)
+  images = jnp.zeros((2, 32, 48, 3))
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))["params"]
+  forward = bench.make_eval_forward(model, (32, 48), with_labels=False)
+  xla = bench.xla_flops(forward.lower(params, images, None).compile())
+  analytic = bench.model_flops(config, 2, train=False)
+  assert 0.75 * xla < analytic <= xla
+
+
+# ---------------------------------------------------------------------------------------
+# The largest batch, XLA's analyses, the command line.
+
+
+def test_largest_fitting_batch_doubles_until_oom_then_bisects():
+  calls = []
+
+  def fits(b):
+    calls.append(b)
+    return b <= 40
+
+  largest, tried = bench.largest_fitting_batch(fits, 4, 1024, granularity=4)
+  assert largest == 40
+  assert calls[:5] == [4, 8, 16, 32, 64]  # doubling
+  assert calls[5:] == [48, 40, 44]  # bisecting 32..64 down to a gap of 32 / 8
+  assert tried == {4: True, 8: True, 16: True, 32: True, 64: False, 48: False, 40: True,
+                   44: False}
+  assert bench.largest_fitting_batch(lambda b: False, 8, 64) == (None, {8: False})
+  assert bench.largest_fitting_batch(lambda b: True, 8, 20)[0] == 16  # capped by the limit
+  with pytest.raises(ValueError, match="multiple of 8"):
+    bench.largest_fitting_batch(fits, 4, 64, granularity=8)
+
+
+def test_out_of_memory_is_told_from_other_errors():
+  oom = jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 26.00GiB.")
+  assert bench.is_out_of_memory(oom)
+  assert not bench.is_out_of_memory(jax.errors.JaxRuntimeError("INVALID_ARGUMENT: shapes"))
+  assert not bench.is_out_of_memory(ValueError("batch 7 is not divisible by 8"))
+
+
+class _Compiled:
+  def __init__(self, cost=None, memory=None, raises=False):
+    self.cost, self.memory, self.raises = cost, memory, raises
+
+  def cost_analysis(self):
+    if self.raises:
+      raise NotImplementedError("no cost analysis on this backend")
+    return self.cost
+
+  def memory_analysis(self):
+    if self.raises:
+      raise NotImplementedError("no memory analysis on this backend")
+    return self.memory
+
+
+class _Memory:
+  argument_size_in_bytes = 100
+  output_size_in_bytes = 60
+  alias_size_in_bytes = 50
+  temp_size_in_bytes = 30
+  generated_code_size_in_bytes = 7
+
+
+def test_xla_analyses_take_dicts_lists_and_none():
+  assert bench.xla_flops(_Compiled({"flops": 12.0})) == 12.0
+  assert bench.xla_flops(_Compiled([{"flops": 12.0}, {"flops": 3.0}])) == 15.0
+  assert bench.xla_flops(_Compiled([{}])) is None
+  assert bench.xla_flops(_Compiled(None)) is None
+  assert bench.xla_flops(_Compiled({"flops": -1.0})) is None
+  assert bench.xla_flops(_Compiled(raises=True)) is None
+  mem = bench.xla_memory(_Compiled(memory=_Memory()))
+  assert mem == {"argument": 100, "output": 60, "alias": 50, "temp": 30,
+                 "generated_code": 7, "total": 100 + 60 - 50 + 30}
+  assert bench.xla_memory(_Compiled(memory=[_Memory()]))["total"] == 140
+  assert bench.xla_memory(_Compiled(memory=None)) is None
+  assert bench.xla_memory(_Compiled(raises=True)) is None
+
+
+def test_command_line_spellings():
+  argv = ["bench", "--sweep-batch", "--no-torch", "--eval-batch=4", "--notorch",
+          "--config.model.remat=True", "--config", "configs/quickstart.py"]
+  assert bench._normalise_argv(argv) == [
+      "bench", "--sweep_batch", "--notorch", "--eval_batch=4", "--notorch",
+      "--config.model.remat=True", "--config", "configs/quickstart.py"]
+
+
+# ---------------------------------------------------------------------------------------
+# End to end.
+
+TINY_OVERRIDES = [
+    "--config.model.backbone_width=64", "--config.model.backbone_depth=2",
+    "--config.model.backbone_heads=4", "--config.model.d_model=64",
+    "--config.model.n_heads=4", "--config.model.d_ff=256", "--config.model.n_layers=2",
+    "--config.model.img_size=64,64", "--config.data.crop_size=64,64",
+    "--config.data.test_scale=120,90", "--config.eval.stride=64,64",
+    "--config.model.topk=4", "--config.model.downsample=2",
+]
+
+
+def test_the_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
+  out = tmp_path / "bench.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  cmd = [sys.executable, "-m", "mlseg_jax.bench", "--config", "configs/quickstart.py",
+         "--batch", "2", "--steps", "2", "--warmup", "1", "--eval-images", "1",
+         "--matmul_size", "128", "--copy_mib", "4", "--json", str(out)] + TINY_OVERRIDES
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = proc.stdout
+  for text in ("device: 2 x cpu", "MFU xla", "MFU model", "train step", "eval forward",
+               "eval sliding window:", "torch peer:", "peak: matmul bf16"):
+    assert text in table, table
+
+  r = json.loads(out.read_text())
+  assert r["device"] == {"platform": "cpu", "kind": "cpu", "count": 2, "processes": 1}
+  assert r["config"]["decoder"] == "mlseg" and r["config"]["width"] == 64
+  assert r["config"]["file"] == "configs/quickstart.py"
+  for phase in ("train", "eval"):
+    res = r[phase]
+    for key in ("compile_s", "xla_flops", "analytic_flops", "memory", "timing",
+                "images_per_s", "images_per_s_per_device", "tflops_model", "mfu_model",
+                "tflops_xla", "mfu_xla"):
+      assert key in res, (phase, key)
+    assert res["timing"]["n"] == 2 and res["batch"] == 2
+    assert res["images_per_s_per_device"] == pytest.approx(res["images_per_s"] / 2)
+  assert r["train"]["analytic_flops"] == bench.model_flops(_cli_config(), 2)
+  assert "loop_step_s" in r["train"] and "loss" in r["train"]
+  assert "device_peak_bytes" in r["train"]  # None where the backend keeps no allocator stats
+  assert "device_peak_bytes_so_far" in r["eval"]
+  for key in ("argument", "output", "temp", "generated_code", "total"):
+    assert key in r["train"]["memory"]
+  for key in ("matmul_bfloat16", "matmul_float32", "tflops", "copy"):
+    assert key in r["peak"]
+  assert r["peak"]["matmul_bfloat16"]["n"] == 128
+  assert set(r["flop_breakdown"]["train_forward_per_image"]) == {
+      "patch_embedding", "vit_blocks", "decoder", "masks", "upsample"}
+  sliding = r["eval_sliding"]
+  assert "images_per_s" in sliding or "skipped" in sliding
+  peer = r["torch"]
+  if "skipped" not in peer:  # torch + timm installed (they are in CI)
+    assert peer["compiled"] is False and peer["notes"]  # eager on the CPU, and said so
+    assert peer["sdpa_attention"] is True
+    assert "ours_over_torch_backbone" in peer and "ours_step_over_torch_backbone" in peer
+    assert "backbone" in r and "mfu_model" in r["backbone"]
+
+
+def _cli_config():
+  """The quickstart config with TINY_OVERRIDES applied, as the command line sees it."""
+  import importlib
+
+  config = importlib.import_module("configs.quickstart").get_config()
+  for flag in TINY_OVERRIDES:
+    path, value = flag[len("--config."):].split("=")
+    node = config
+    *parents, leaf = path.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = tuple(int(v) for v in value.split(",")) if "," in value else int(value)
+  return config
