@@ -55,14 +55,32 @@ def tiny_logits_fn(num_classes: int):
   return jax.jit(lambda x: model.apply(params, x))
 
 
-def config_logits_fn(path: str, crop: tuple[int, int]):
-  """The config's Segmenter (config.model), randomly initialised at the crop size."""
-  from mlseg_jax.models.segmenter import build_model
-
+def load_config(path: str):
   spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  return module.get_config()
+
+
+def config_geometry(config) -> dict:
+  """Test scale, crop, stride and multi-scale ratios of a config (what `--mode eval` uses)."""
+  out = {}
+  data, ev_cfg = config.get("data"), config.get("eval")
+  if data is not None and "test_scale" in data:
+    out["test_scale"] = tuple(data.test_scale)
+  if data is not None and "crop_size" in data:
+    out["crop"] = tuple(data.crop_size)
+  if ev_cfg is not None and "stride" in ev_cfg:
+    out["stride"] = tuple(ev_cfg.stride)
+  if ev_cfg is not None and "scales" in ev_cfg:
+    out["ratios"] = tuple(ev_cfg.scales)
+  return out
+
+
+def config_logits_fn(config, crop: tuple[int, int]):
+  """The config's Segmenter (config.model), randomly initialised at the crop size."""
+  from mlseg_jax.models.segmenter import build_model
+
   model = build_model(config.model)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *crop, 3)))
 
@@ -103,30 +121,40 @@ def main(argv=None):
   p.add_argument("--sizes", default="512x683,683x512,375x500,512x512",
                  help="original image sizes HxW, cycled")
   p.add_argument("--num-classes", type=int, default=150, help="classes of the tiny model")
-  p.add_argument("--test-scale", default="2048,512")
-  p.add_argument("--crop", type=int, default=512)
-  p.add_argument("--stride", type=int, default=512)
+  p.add_argument("--test-scale", help="H,W bound (default: the config's, else 2048,512)")
+  p.add_argument("--crop", type=int, help="window (default: the config's crop, else 512)")
+  p.add_argument("--stride", type=int, help="window stride (default: the config's, else crop)")
   p.add_argument("--images-per-batch", type=int, default=2)
   p.add_argument("--windows-per-call", type=int, default=8)
   p.add_argument("--modes", default="ss,ms", help="ss (single scale), ms (multi-scale+flip)")
   args = p.parse_args(argv)
 
-  crop = (args.crop, args.crop)
+  geometry = dict(test_scale=(2048, 512), crop=(512, 512), stride=None, ratios=ev.MS_RATIOS)
+  config = None if args.tiny else load_config(args.config)
+  if config is not None:
+    geometry.update(config_geometry(config))
+  if args.test_scale:
+    geometry["test_scale"] = tuple(int(v) for v in args.test_scale.split(","))
+  if args.crop:
+    geometry["crop"] = (args.crop, args.crop)
+  if args.stride:
+    geometry["stride"] = (args.stride, args.stride)
+  geometry["stride"] = geometry["stride"] or geometry["crop"]
+  crop = geometry["crop"]
   if args.tiny:
     logits_fn, num_classes, topk, name = (tiny_logits_fn(args.num_classes), args.num_classes,
                                           None, "tiny random")
   else:
-    logits_fn, num_classes, topk = config_logits_fn(args.config, crop)
+    logits_fn, num_classes, topk = config_logits_fn(config, crop)
     name = os.path.basename(args.config)
   sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
   records = random_records(sizes, args.images, num_classes)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   common = dict(num_classes=num_classes, mean=HALF, std=HALF,
-                test_scale=tuple(int(v) for v in args.test_scale.split(",")), crop=crop,
-                stride=(args.stride, args.stride), topk=topk, mesh=mesh,
-                images_per_batch=args.images_per_batch,
+                test_scale=geometry["test_scale"], crop=crop, stride=geometry["stride"],
+                topk=topk, mesh=mesh, images_per_batch=args.images_per_batch,
                 windows_per_call=args.windows_per_call)
-  modes = {"ss": dict(), "ms": dict(ratios=ev.MS_RATIOS, flip=True)}
+  modes = {"ss": dict(), "ms": dict(ratios=geometry["ratios"], flip=True)}
   rows = []
   for mode in args.modes.split(","):
     run = lambda: ev.evaluate(logits_fn, records, **common, **modes[mode])
@@ -135,10 +163,10 @@ def main(argv=None):
     rows.append((mode, args.images / seconds, compile_s - seconds))
   device = jax.devices()[0]
   print(f"model: {name}; {len(jax.devices())} x {device.device_kind} ({device.platform}); "
-        f"{args.images} images of {args.sizes}; crop {args.crop}, stride {args.stride}, "
-        f"test scale {args.test_scale}")
+        f"{args.images} images of {args.sizes}; crop {crop}, stride {geometry['stride']}, "
+        f"test scale {geometry['test_scale']}, ratios {geometry['ratios']}")
   print(f"{'mode':<26} | images/s | first-run extra s (compile)")
-  labels = {"ss": "single scale", "ms": "multi-scale (6) + flip"}
+  labels = {"ss": "single scale", "ms": f"multi-scale ({len(geometry['ratios'])}) + flip"}
   for mode, rate, extra in rows:
     print(f"{labels[mode]:<26} | {rate:8.2f} | {extra:8.1f}")
 

@@ -1,6 +1,7 @@
 """Sliding-window / multi-scale evaluation against a plain NumPy loop over windows (mmseg's
 `slide_inference` + `aug_test`, written out), confusion matrices against NumPy."""
 
+import sys
 import threading
 from pathlib import Path
 
@@ -411,3 +412,20 @@ def test_camvid_val_at_real_shapes_matches_reference():
   assert results["labelled_pixels"] == want["labelled_pixels"]
   assert results["aAcc"] == pytest.approx(want["aAcc"], abs=1e-4)
   assert results["mIoU"] == pytest.approx(want["mIoU"], abs=1e-3)
+
+
+def test_throughput_benchmark_prints_its_table(capsys):
+  import importlib.util
+
+  path = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_throughput.py"
+  spec = importlib.util.spec_from_file_location("eval_throughput", path)
+  bench = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = bench  # Flax modules are dataclasses: they look their module up.
+  spec.loader.exec_module(bench)
+  bench.main(["--tiny", "--images", "2", "--sizes", "40x50", "--crop", "32",
+              "--test-scale", "64,32", "--num-classes", "3", "--images-per-batch", "1"])
+  out = capsys.readouterr().out
+  rows = {line.split("|")[0].strip(): float(line.split("|")[1]) for line in out.splitlines()
+          if "|" in line and "images/s" not in line}
+  assert set(rows) == {"single scale", "multi-scale (6) + flip"}
+  assert all(v > 0 for v in rows.values())
