@@ -88,7 +88,7 @@ def evaluate_params(config, params, mesh, *, workdir=None, step=None, name=None)
       make_logits_fn(build_model(config.model), params), records,
       num_classes=config.model.num_classes, mean=dataset.mean, std=dataset.std,
       class_names=dataset.class_names, topk=topk, mesh=mesh,
-      data_axis=sharding_lib.BATCH_AXES[0], windows_per_call=config.eval.windows_per_batch,
+      data_axis=sharding_lib.BATCH_AXES, windows_per_call=config.eval.windows_per_batch,
       **_settings(config))
   kind = "ms_flip" if config.eval.multi_scale else "ss"
   if workdir is not None and distributed.is_main_process():
@@ -158,7 +158,7 @@ def predict(config, workdir, images, output):
       make_logits_fn(build_model(config.model), params), images, output,
       mean=dataset.mean, std=dataset.std, palette=dataset.palette,
       class_names=dataset.class_names, topk=topk, mesh=mesh,
-      data_axis=sharding_lib.BATCH_AXES[0], windows_per_call=config.eval.windows_per_batch,
+      data_axis=sharding_lib.BATCH_AXES, windows_per_call=config.eval.windows_per_batch,
       **_settings(config))
   logging.info("predicted %d images with %s into %s", len(written), source, output)
   return written
