@@ -45,6 +45,13 @@ def default_eval_config() -> ml_collections.ConfigDict:
   c.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
   c.flip = True
   c.windows_per_batch = 8
+  # Images whose windows share one jitted call; device memory grows with it times the image
+  # size times the class count (keep 1-2 for COCO+LVIS's 1284 classes).
+  c.images_per_batch = 2
+  # Resized images smaller than the window: 0 pads them to the window (one compilation);
+  # 16 cuts them at their own size rounded to the patch, exactly as mmseg feeds them, at one
+  # compilation per distinct small size.
+  c.small_window_multiple = 0
   c.split = "val"
   c.max_images = 0  # 0: the whole split.
   return c

@@ -75,7 +75,9 @@ def _settings(config) -> dict[str, Any]:
   ratios, flip = (tuple(e.scales), e.flip) if e.multi_scale else ((1.0,), False)
   return dict(test_scale=tuple(config.data.test_scale), crop=tuple(config.data.crop_size),
               stride=tuple(e.stride), ratios=ratios, flip=flip,
-              patch_size=VARIANTS[config.model.backbone][3])
+              patch_size=VARIANTS[config.model.backbone][3],
+              small_window_multiple=e.small_window_multiple or None,
+              windows_per_call=e.windows_per_batch)
 
 
 def evaluate_params(config, params, mesh, *, workdir=None, step=None, name=None):
@@ -88,7 +90,7 @@ def evaluate_params(config, params, mesh, *, workdir=None, step=None, name=None)
       make_logits_fn(build_model(config.model), params), records,
       num_classes=config.model.num_classes, mean=dataset.mean, std=dataset.std,
       class_names=dataset.class_names, topk=topk, mesh=mesh,
-      data_axis=sharding_lib.BATCH_AXES, windows_per_call=config.eval.windows_per_batch,
+      data_axis=sharding_lib.BATCH_AXES, images_per_batch=config.eval.images_per_batch,
       **_settings(config))
   kind = "ms_flip" if config.eval.multi_scale else "ss"
   if workdir is not None and distributed.is_main_process():
@@ -158,7 +160,6 @@ def predict(config, workdir, images, output):
       make_logits_fn(build_model(config.model), params), images, output,
       mean=dataset.mean, std=dataset.std, palette=dataset.palette,
       class_names=dataset.class_names, topk=topk, mesh=mesh,
-      data_axis=sharding_lib.BATCH_AXES, windows_per_call=config.eval.windows_per_batch,
-      **_settings(config))
+      data_axis=sharding_lib.BATCH_AXES, **_settings(config))
   logging.info("predicted %d images with %s into %s", len(written), source, output)
   return written
