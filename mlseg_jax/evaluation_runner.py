@@ -8,10 +8,13 @@ there, so a backbone-only AugReg conversion is refused here).
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import ml_collections
 from absl import logging
 from etils import epath
@@ -28,8 +31,8 @@ from mlseg_jax.models.vit import VARIANTS
 def _check_supported(config):
   if config.model.decoder == "mlseg_gt":
     raise NotImplementedError(
-        "evaluating the +GT oracle (model.decoder='mlseg_gt') needs each image's ground-truth "
-        "class set inside the sliding-window pass, which the evaluator does not carry yet")
+        "the +GT oracle (model.decoder='mlseg_gt') takes each image's class set from its "
+        "labels: predict on unlabelled images is not possible; use --mode eval")
 
 
 def dataset_info(data_config):
@@ -80,18 +83,58 @@ def _settings(config) -> dict[str, Any]:
               windows_per_call=e.windows_per_batch)
 
 
+def evaluate_oracle(config, params, mesh, records, dataset):
+  """The +GT head at test: every window of an image sees the WHOLE image's class set.
+
+  The set differs per image, so images go through the sliding-window evaluator one at a
+  time, the set a (replicated) argument of the jitted forward: one compilation serves all.
+  Every process walks every record in the same order (the evaluator's contract); each image
+  is computed once, by one process.
+  """
+  model = build_model(config.model)
+  n = config.model.num_classes
+
+  @jax.jit
+  def forward(params, windows, present):  # present: (n_cls,) bool
+    labels = jnp.broadcast_to(present, (windows.shape[0], n))
+    return model.apply({"params": params}, windows, train=False, labels=labels)["logits"]
+
+  s = _settings(config)
+  settings = evaluate_lib.EvalSettings(
+      mean=dataset.mean, std=dataset.std, test_scale=s["test_scale"], crop=s["crop"],
+      stride=s["stride"], ratios=s["ratios"], flip=s["flip"], patch_size=s["patch_size"],
+      small_window_multiple=s["small_window_multiple"])
+  confusion = np.zeros((n, n), np.int64)
+  for i in range(len(records)):
+    record = records[i]
+    label = np.asarray(record["label"])
+    present = np.zeros(n, bool)
+    present[np.unique(label[label >= 0])] = True
+    fn = functools.partial(forward, params, present=jnp.asarray(present))
+    for batch in evaluate_lib.segment(fn, [record], settings, num_classes=n, mesh=mesh,
+                                      data_axis=sharding_lib.BATCH_AXES, images_per_batch=1,
+                                      windows_per_call=s["windows_per_call"]):
+      confusion += batch.confusion
+  results = metrics_lib.segmentation_metrics(metrics_lib.sum_across_hosts(confusion),
+                                             dataset.class_names)
+  results["num_images"] = len(records)
+  return results
+
+
 def evaluate_params(config, params, mesh, *, workdir=None, step=None, name=None):
   """Runs the configured evaluation of `params`; writes JSON + table; returns scalars."""
-  _check_supported(config)
   dataset = data_lib.get_dataset(config.data, config.eval.split)
   records = _FirstN(dataset, config.eval.max_images)
   topk = config.model.topk if config.model.decoder.startswith("mlseg") else None
-  results = evaluate_lib.evaluate(
-      make_logits_fn(build_model(config.model), params), records,
-      num_classes=config.model.num_classes, mean=dataset.mean, std=dataset.std,
-      class_names=dataset.class_names, topk=topk, mesh=mesh,
-      data_axis=sharding_lib.BATCH_AXES, images_per_batch=config.eval.images_per_batch,
-      **_settings(config))
+  if config.model.decoder == "mlseg_gt":
+    results = evaluate_oracle(config, params, mesh, records, dataset)
+  else:
+    results = evaluate_lib.evaluate(
+        make_logits_fn(build_model(config.model), params), records,
+        num_classes=config.model.num_classes, mean=dataset.mean, std=dataset.std,
+        class_names=dataset.class_names, topk=topk, mesh=mesh,
+        data_axis=sharding_lib.BATCH_AXES, images_per_batch=config.eval.images_per_batch,
+        **_settings(config))
   kind = "ms_flip" if config.eval.multi_scale else "ss"
   if workdir is not None and distributed.is_main_process():
     out = epath.Path(workdir) / "eval"
@@ -104,10 +147,7 @@ def evaluate_params(config, params, mesh, *, workdir=None, step=None, name=None)
 
 
 def periodic_eval_fn(config, workdir):
-  """`fn(params, step) -> scalars` for the training loop (None for the +GT oracle)."""
-  if config.model.decoder == "mlseg_gt":
-    logging.warning("no periodic evaluation for the +GT oracle head")
-    return None
+  """`fn(params, step) -> scalars` for the training loop."""
   mesh = sharding_lib.make_mesh(config.mesh)
   return lambda params, step: evaluate_params(config, params, mesh, workdir=workdir, step=step)
 

@@ -155,12 +155,18 @@ def global_batch(local_batch: dict, mesh) -> dict:
 # Checkpoints.
 
 
+def absolute_workdir(workdir) -> epath.Path:
+  """Orbax refuses relative paths; `gs://...` and other URLs are absolute already."""
+  workdir = os.fspath(workdir)
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
 def checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.train.keep_checkpoints,
       enable_async_checkpointing=config.train.async_checkpoints,
       create=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options)
+  return ocp.CheckpointManager(absolute_workdir(workdir) / "checkpoints", options=options)
 
 
 def _with_shardings(abstract, shardings):
@@ -300,7 +306,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   from mlseg_jax import distributed
 
-  workdir = epath.Path(workdir)
+  workdir = absolute_workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = distributed.is_main_process()
   model, mesh, state, shardings, step_fn = setup(config, mesh)
