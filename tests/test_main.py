@@ -30,7 +30,9 @@ def _main(*args, check=True):
 @pytest.mark.slow
 def test_quickstart_trains_evaluates_and_predicts(tmp_path):
   workdir = tmp_path / "wd"
-  config = ["--config", "configs/quickstart.py", "--workdir", str(workdir), *TINY]
+  # Relative, as users type it (the runs start in the repository).
+  config = ["--config", "configs/quickstart.py", "--workdir", os.path.relpath(workdir, REPO),
+            *TINY]
   _main(*config, "--config.train.total_steps=3", "--config.train.eval_every=3")
   assert (workdir / "checkpoints" / "3").is_dir()
   assert (workdir / "eval" / "step_3_ss.json").is_file()
