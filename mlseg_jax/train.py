@@ -353,10 +353,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           progress.write_scalars(step, evaluate_fn(state.params, step), prefix="eval")
   except BaseException:
     # Whatever stopped the loop (an error, Ctrl-C, SIGTERM), keep the work done so far.
-    if int(state.step) > saved_at:
-      logging.warning("interrupted at step %d: saving a checkpoint first", int(state.step))
-      save_checkpoint(mngr, state, checkpointable_iter, force=True)
-    mngr.wait_until_finished()
+    try:
+      if int(state.step) > saved_at:
+        logging.warning("interrupted at step %d: saving a checkpoint first", int(state.step))
+        save_checkpoint(mngr, state, checkpointable_iter, force=True)
+      mngr.wait_until_finished()
+    except Exception as save_error:  # E.g. the failed step had consumed its donated state.
+      logging.error("could not save the interrupted state (%s); the last checkpoint is "
+                    "step %d", save_error, saved_at)
     progress.close()
     raise
   if int(state.step) > saved_at:
