@@ -235,3 +235,16 @@ def test_inconsistent_configs_are_refused():
   config = tiny_train_config()
   with pytest.raises(AttributeError):
     config.train.batchsize = 4  # Locked: unknown keys fail.
+
+
+def test_bfloat16_compute_with_remat_keeps_float32_params():
+  config = tiny_train_config(decoder="mlseg")
+  config.model.dtype = "bfloat16"
+  config.model.remat = True
+  mesh = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:2])
+  _, mesh, state, _, step_fn = train.setup(config, mesh)
+  state, metrics = step_fn(state, train.global_batch(next(random_batches(4)), mesh))
+  assert np.isfinite(float(metrics["loss"])) and metrics["loss"].dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(state.params))
+  assert all(m.dtype == jnp.float32 for m in jax.tree_util.tree_leaves(state.opt_state)
+             if hasattr(m, "dtype") and m.ndim)
