@@ -1,7 +1,6 @@
 """Every config loads, builds its model abstractly and carries the reference's numbers."""
 
 import importlib
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
