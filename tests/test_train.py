@@ -189,7 +189,8 @@ def test_a_checkpoint_survives_a_process_killed_mid_save(tmp_path):
                           env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
   for line in proc.stdout:
     if line.startswith("SAVING2"):
-      time.sleep(0.2)
+      # The 400 MB write has just begun; it takes far longer than this to finish.
+      time.sleep(0.05)
       proc.send_signal(signal.SIGKILL)
       break
   proc.wait()
