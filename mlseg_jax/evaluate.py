@@ -87,19 +87,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mlseg_jax import IGNORE_LABEL
 from mlseg_jax import metrics as metrics_lib
+from mlseg_jax.data.transforms import rescale_size  # mmcv's keep-ratio rule, shared with training.
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 # ---------------------------------------------------------------------------------------------
 # Test-time geometry (host side, Python ints; the reference's own formulas).
 # ---------------------------------------------------------------------------------------------
-
-
-def rescale_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:
-  """Keep-ratio size for `scale` = (long edge, short edge) bound, as mmcv `rescale_size`."""
-  long_edge, short_edge = max(scale), min(scale)
-  factor = min(long_edge / max(h, w), short_edge / min(h, w))
-  return int(h * factor + 0.5), int(w * factor + 0.5)
 
 
 def scales_for_ratios(test_scale: Sequence[int], ratios: Sequence[float]) -> list[tuple[int, int]]:
@@ -457,12 +451,6 @@ def host_indices(num_images: int, process_index: int, process_count: int) -> lis
   return own + [None] * (per_host - len(own))
 
 
-def _process_allgather(x: np.ndarray) -> np.ndarray:
-  if jax.process_count() == 1:
-    return x[None]
-  return np.asarray(multihost_utils.process_allgather(x))
-
-
 @dataclasses.dataclass
 class _Batch:
   shape: BatchShape
@@ -494,7 +482,7 @@ def read_ahead(records: Sequence[dict[str, Any]], indices: Sequence[int | None],
 def batch_stream(items: Iterable[tuple[int, dict[str, Any]] | None],
                  shape_of: Callable[[dict[str, Any]], BatchShape], batch_size: int,
                  code_len: int,
-                 allgather: Callable[[np.ndarray], np.ndarray] = _process_allgather,
+                 allgather: Callable[[np.ndarray], np.ndarray] = metrics_lib.process_allgather,
                  ) -> Iterator[_Batch]:
   """Bins records by static shape and yields batches, in the same order on every process.
 
@@ -638,7 +626,7 @@ def segment(logits_fn: Callable[[jax.Array], Any], records: Sequence[dict[str, A
             mesh: Mesh | None = None, data_axis: str | Sequence[str] = "data",
             images_per_batch: int = 4, windows_per_call: int = 8, with_labels: bool = True,
             keep_predictions: bool = False, keep_scores: bool = False, read_threads: int = 4,
-            allgather: Callable[[np.ndarray], np.ndarray] = _process_allgather,
+            allgather: Callable[[np.ndarray], np.ndarray] = metrics_lib.process_allgather,
             ) -> Iterator[BatchResult]:
   """Runs the test passes over this process's share of `records`, batch by batch.
 
@@ -794,7 +782,7 @@ def evaluate(logits_fn: Callable[[jax.Array], Any], records: Sequence[dict[str, 
              images_per_batch: int = 4,
              windows_per_call: int = 8, patch_size: int = 16,
              small_window_multiple: int | None = None, log_every: int = 0,
-             read_threads: int = 4, allgather: Callable[[np.ndarray], np.ndarray] = _process_allgather,
+             read_threads: int = 4, allgather: Callable[[np.ndarray], np.ndarray] = metrics_lib.process_allgather,
              ) -> dict[str, Any]:
   """mIoU, aAcc, mAcc, per-class IoU / Acc (and for MLSeg models the multi-label metrics) of
   `logits_fn` on `records`, as the reference evaluates: single scale with `ratios=(1.0,)`,

@@ -34,15 +34,6 @@ def _check_supported(config):
         "labels: predict on unlabelled images is not possible; use --mode eval")
 
 
-def dataset_info(data_config):
-  """Class names, palette and normalisation of the config's dataset (no files read)."""
-  from mlseg_jax.data import datasets
-
-  if data_config.name in datasets.INFOS:
-    return datasets.INFOS[data_config.name]
-  return datasets.user_info(data_config)
-
-
 def make_logits_fn(model, params):
   """windows (N, h, w, 3) -> {"logits", ["image_logits"]}, jitted once per window shape."""
 
@@ -193,7 +184,7 @@ def predict(config, workdir, images, output):
 
   mesh = sharding_lib.make_mesh(config.mesh)
   params, source = load_params_for_eval(config, workdir, mesh)
-  dataset = dataset_info(config.data)
+  dataset = data_lib.dataset_info(config.data)
   topk = config.model.topk if config.model.decoder.startswith("mlseg") else None
   written = predict_lib.predict_images(
       make_logits_fn(build_model(config.model), params), images, output,

@@ -65,7 +65,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
     problems.append(f"train.grad_accum_steps={t.grad_accum_steps} does not divide the "
                     f"per-device batch {t.batch_size // (data * fsdp)}")
   try:
-    from mlseg_jax.evaluation_runner import dataset_info
+    from mlseg_jax.data import dataset_info
 
     n_data = dataset_info(d).num_classes
   except (KeyError, ValueError) as e:

@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 _LOW_BITS = 31
 
 
-def _allgather(x: np.ndarray) -> np.ndarray:
+def process_allgather(x: np.ndarray) -> np.ndarray:
   """(process_count, *x.shape): every process's `x`."""
   if jax.process_count() == 1:
     return np.asarray(x)[None]
@@ -44,7 +44,7 @@ def _allgather(x: np.ndarray) -> np.ndarray:
 
 
 def sum_across_hosts(counts: np.ndarray,
-                     allgather: Callable[[np.ndarray], np.ndarray] = _allgather) -> np.ndarray:
+                     allgather: Callable[[np.ndarray], np.ndarray] = process_allgather) -> np.ndarray:
   """Exact int64 sum over processes of non-negative int64 `counts` (< 2^62 per process)."""
   counts = np.asarray(counts)
   if counts.dtype != np.int64:
@@ -57,7 +57,7 @@ def sum_across_hosts(counts: np.ndarray,
 
 
 def sum_floats_across_hosts(values: np.ndarray,
-                            allgather: Callable[[np.ndarray], np.ndarray] = _allgather
+                            allgather: Callable[[np.ndarray], np.ndarray] = process_allgather
                             ) -> np.ndarray:
   """float64 sum over processes, gathered as a float32 value and its float32 remainder."""
   values = np.asarray(values, np.float64)
@@ -138,7 +138,7 @@ class MultiLabelMetrics:
         self.sums[i] += v
         self.counts[i] += 1
 
-  def summary(self, allgather: Callable[[np.ndarray], np.ndarray] = _allgather,
+  def summary(self, allgather: Callable[[np.ndarray], np.ndarray] = process_allgather,
               ) -> dict[str, float]:
     sums = sum_floats_across_hosts(self.sums, allgather)
     counts = sum_across_hosts(self.counts, allgather)

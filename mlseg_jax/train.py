@@ -145,10 +145,11 @@ def make_train_step(config, model, tx, schedule, mesh, state_shardings):
 
 
 def global_batch(local_batch: dict, mesh) -> dict:
-  """Per-host numpy batch -> global jax Arrays split over the mesh's data axes."""
-  sharding = sharding_lib.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items() if k in ("image", "label")}
+  """Per-host numpy batch -> the step's global {"image", "label"} over the data axes."""
+  from mlseg_jax.data import make_global_batch
+
+  return make_global_batch({k: local_batch[k] for k in ("image", "label")},
+                           sharding_lib.batch_sharding(mesh))
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from mlseg_jax.data.datasets import DATASET_NAMES
 from mlseg_jax.data.datasets import Dataset
+from mlseg_jax.data.datasets import dataset_info
 from mlseg_jax.data.datasets import default_config
 from mlseg_jax.data.datasets import get_dataset
 from mlseg_jax.data.pipeline import checkpoint_args

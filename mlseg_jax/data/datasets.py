@@ -220,6 +220,15 @@ def user_info(config: ml_collections.ConfigDict) -> DatasetInfo:
       tuple(float(v) for v in config.mean), tuple(float(v) for v in config.std))
 
 
+def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+  """Class names, palette, label conventions and normalisation of `config.name` (no files read)."""
+  if config.name in INFOS:
+    return INFOS[config.name]
+  if config.name not in DATASET_NAMES:
+    raise ValueError(f"unknown dataset {config.name!r}; known: {', '.join(DATASET_NAMES)}")
+  return user_info(config)
+
+
 class Dataset:
   """Random-access segmentation records; subclasses say where the bytes come from."""
 
@@ -462,9 +471,7 @@ def resolve_split(config: ml_collections.ConfigDict, split: str) -> str:
 def get_dataset(config: ml_collections.ConfigDict, split: str) -> Dataset:
   """The dataset `config.name` at `config.root`, split `split` ("train", "val" or its own name)."""
   name = config.name
-  if name not in DATASET_NAMES:
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
-  info = INFOS[name] if name in INFOS else user_info(config)
+  info = dataset_info(config)  # Refuses unknown names.
   split = resolve_split(config, split)
   if name == "tfds":
     if not config.tfds_name:
