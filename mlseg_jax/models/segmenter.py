@@ -8,7 +8,6 @@ align_corners=False)` does: the padded grid is resized straight to the image siz
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -109,7 +108,3 @@ def build_model(c: ml_collections.ConfigDict) -> Segmenter:
       class_token_start_layer=c.oce_start_layer, class_token_init=c.oce_init,
       remat=c.remat, dtype=dtype, attention_impl=c.attention_impl)
   return Segmenter(backbone=backbone, decode_head=DECODERS[c.decoder](c, dtype))
-
-
-def model_dtype(c: ml_collections.ConfigDict) -> Any:
-  return DTYPES[c.dtype]
