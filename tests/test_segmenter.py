@@ -47,6 +47,10 @@ def test_bad_model_config_is_refused():
   c = tiny_model_config(decoder="fcn")
   with pytest.raises(ValueError, match="model.decoder='fcn'"):
     build_model(c)
+  with pytest.raises(ValueError, match="model.attention_impl='flash'"):
+    build_model(tiny_model_config(attention_impl="flash"))
+  with pytest.raises(ValueError, match="needs model.dtype bfloat16"):
+    build_model(tiny_model_config(attention_impl="cudnn"))
 
 
 @pytest.mark.slow

@@ -192,15 +192,16 @@ def _class_embeddings(module, class_emb, batch: int, num_classes: int, d_model: 
   return class_emb
 
 
-def _segment(module, patches, classes, blocks, *, train: bool, mask=None):
+def _segment(module, patches, classes, blocks, *, train: bool, kv_seqlen=None):
   """Segmentation blocks + decoder_norm + cosine masks, before mask_norm.
 
-  patches (B, N, D), classes (B, K, D) -> (B, N, K).
+  patches (B, N, D), classes (B, K, D) -> (B, N, K). kv_seqlen (B,): tokens at or past
+  it are hidden from attention as keys.
   """
   k = classes.shape[1]
   x = jnp.concatenate([patches, classes.astype(patches.dtype)], 1)
   for blk in blocks:
-    x = blk(x, train, mask)
+    x = blk(x, train, kv_seqlen)
   x = nn.LayerNorm(epsilon=1e-5, dtype=module.dtype, name="decoder_norm")(x)
   d = module.d_model
   proj_patch = module.param("proj_patch", projection_init(d), (d, d))
@@ -498,7 +499,7 @@ class MLSegOracleHead(nn.Module):
   """"+GT": the label set is the ground truth's, k varies per image.
 
   Static shapes: the masks cover all n_cls classes; class tokens outside the set are
-  hidden from attention (as keys), so the present ones compute what the reference's gather
+  hidden from attention (as keys, by a key length after the present ones), so the present ones compute what the reference's gather
   of the present tokens computes, and the absent ones are overwritten with -100.
   """
   num_classes: int
@@ -522,11 +523,16 @@ class MLSegOracleHead(nn.Module):
     patches = nn.Dense(self.d_model, dtype=self.dtype, kernel_init=trunc_normal(),
                        name="proj_dec")(tokens.reshape(b, gh * gw, -1))  # (B, N, D)
     classes = _class_embeddings(self, class_emb, b, n_cls, self.d_model)
-    keys = jnp.concatenate([jnp.ones((b, gh * gw), bool), label_set], 1)
+    # The present classes go first (stable: in class-id order), so one key length per
+    # image hides the absent ones; the masks then go back to class order.
+    order = jnp.argsort(~label_set, axis=-1, stable=True)  # (B, n_cls)
+    classes = jnp.take_along_axis(classes, order[:, :, None], axis=1)
+    kv_seqlen = (gh * gw + label_set.sum(-1)).astype(jnp.int32)
     blocks = decoder_blocks(self.n_layers, self.n_heads, self.d_ff, self.dropout,
                             self.drop_path_rate, self.dtype, self.attention_impl)
     masks = _segment(self, patches, classes, blocks, train=train,
-                     mask=keys[:, None, None, :])  # (B, N, n_cls)
+                     kv_seqlen=kv_seqlen)  # (B, N, n_cls), present classes first
+    masks = jnp.take_along_axis(masks, jnp.argsort(order, axis=-1)[:, None, :], axis=2)
     masks = SelectedLayerNorm(n_cls, name="mask_norm")(masks, label_set)
     logits = jnp.where(label_set[:, None, :], masks, UNSELECTED_LOGIT).astype(self.dtype)
     return {"logits": logits.reshape(b, gh, gw, n_cls), "label_set": label_set}

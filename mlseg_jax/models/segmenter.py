@@ -100,6 +100,12 @@ def build_model(c: ml_collections.ConfigDict) -> Segmenter:
     raise ValueError(f"model.decoder={c.decoder!r} is not one of {sorted(DECODERS)}")
   if c.dtype not in DTYPES:
     raise ValueError(f"model.dtype={c.dtype!r} is not one of {sorted(DTYPES)}")
+  if c.attention_impl not in (None, "xla", "cudnn"):
+    raise ValueError(f"model.attention_impl={c.attention_impl!r} is not one of None (XLA "
+                     "picks), 'xla', 'cudnn' (GPUs, with dtype bfloat16 or float16)")
+  if c.attention_impl == "cudnn" and c.dtype not in ("bfloat16", "float16"):
+    raise ValueError(f"model.attention_impl='cudnn' needs model.dtype bfloat16 or float16, "
+                     f"not {c.dtype!r}: cuDNN's fused attention has no float32 kernel")
   dtype = DTYPES[c.dtype]
   backbone = ViT(
       variant=c.backbone, width_override=c.backbone_width,

@@ -60,9 +60,11 @@ class SelfAttention(nn.Module):
   attention_impl: Optional[str] = None  # None: XLA picks; "cudnn" on GPUs; "xla".
 
   @nn.compact
-  def __call__(self, x, *, train: bool, mask=None):
-    # mask: optional bool, broadcastable to (B, heads, N, N); False keys get no attention
-    # (the +GT head hides the classes outside its oracle set this way).
+  def __call__(self, x, *, train: bool, kv_seqlen=None):
+    # kv_seqlen: optional (B,) int32; keys at or past it get no attention (the +GT head
+    # puts its oracle classes first and hides the rest). A length, not a boolean mask,
+    # because cuDNN's fused kernel takes lengths natively, while a mask becomes a
+    # (B, H, N, N) bias tensor that it reads, and rejects for odd N in training.
     b, n, d = x.shape
     h = self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=trunc_normal(), name="qkv")(x)
@@ -72,13 +74,14 @@ class SelfAttention(nn.Module):
       # Dropout on the attention probabilities (the Segmenter decoder trains with 0.1)
       # needs the probabilities themselves, so the fused kernel cannot be used here.
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d // h) ** -0.5
-      if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+      if kv_seqlen is not None:
+        valid = jnp.arange(n)[None, None, None, :] < kv_seqlen[:, None, None, None]
+        logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
       probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
       probs = nn.Dropout(self.dropout)(probs, deterministic=False)
       y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     else:
-      y = jax.nn.dot_product_attention(q, k, v, mask=mask,
+      y = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_seqlen,
                                        implementation=self.attention_impl)
     y = y.reshape(b, n, d)
     y = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal(), name="proj")(y)
@@ -111,10 +114,10 @@ class Block(nn.Module):
   attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, train: bool = False, mask=None):
+  def __call__(self, x, train: bool = False, kv_seqlen=None):
     y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm1")(x)
     y = SelfAttention(self.num_heads, self.dropout, self.dtype, self.attention_impl,
-                      name="attn")(y, train=train, mask=mask)
+                      name="attn")(y, train=train, kv_seqlen=kv_seqlen)
     x = x + DropPath(self.drop_path)(y, train=train)
     y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm2")(x)
     y = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train=train)

@@ -1,0 +1,96 @@
+"""Attention: every model's calls satisfy cuDNN's fused-kernel limits, so
+`attention_impl="cudnn"` does not fail on a GPU (checked here on the CPU by recording the
+calls); the +GT head's key lengths equal a boolean key mask."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_model_config
+from mlseg_jax.losses import compute_losses
+from mlseg_jax.models import vit
+from mlseg_jax.models.segmenter import build_model
+
+_REAL_ATTENTION = jax.nn.dot_product_attention
+
+
+def _cudnn_recorder(calls):
+  """jax.nn.dot_product_attention that checks the limits jax's cuDNN path enforces
+  (jax/_src/cudnn/fused_attention_stablehlo.py: check_layout, check_is_flash_attention,
+  combine_bias_and_mask), then computes with XLA."""
+
+  def attention(query, key, value, bias=None, mask=None, *, implementation=None,
+                key_value_seq_lengths=None, **kwargs):
+    if implementation == "cudnn":
+      assert query.ndim == key.ndim == value.ndim == 4, "cuDNN wants (B, T, N, H)"
+      assert query.dtype in (jnp.bfloat16, jnp.float16), query.dtype
+      assert query.dtype == key.dtype == value.dtype
+      head_dim = query.shape[-1]
+      assert head_dim % 8 == 0 and head_dim <= 128, head_dim  # 128: pre-Hopper's limit
+      # A mask reaches cuDNN as a bias of shape (B, N, T, S); a broadcast (B, 1, 1, S)
+      # one fails check_layout, and any bias needs even T and S when training.
+      assert mask is None and bias is None, "use key_value_seq_lengths"
+      if key_value_seq_lengths is not None:
+        assert key_value_seq_lengths.dtype == jnp.int32
+        assert key_value_seq_lengths.shape == (query.shape[0],)
+      calls.append((query.shape, key_value_seq_lengths is not None))
+    return _REAL_ATTENTION(query, key, value, bias, mask, implementation="xla",
+                           key_value_seq_lengths=key_value_seq_lengths, **kwargs)
+
+  return attention
+
+
+@pytest.mark.parametrize("decoder,oce", [
+    ("mask_transformer", False), ("mlseg", False), ("mlseg", True),
+    ("mlseg_trandec", False), ("mlseg_pooling", False), ("mlseg_gt", False)])
+def test_cudnn_attention_calls_fit_the_fused_kernel(monkeypatch, decoder, oce):
+  calls = []
+  monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_recorder(calls))
+  c = tiny_model_config(decoder=decoder, num_classes=6, topk=3, oce=oce,
+                        dtype="bfloat16", attention_impl="cudnn")
+  model = build_model(c)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 48, 48, 3))
+  labels = jax.random.randint(jax.random.PRNGKey(1), (2, 48, 48), -1, 6)
+  labels = labels.at[0].set(jnp.where(labels[0] > 2, 1, labels[0]))  # a smaller set
+  params = model.init(jax.random.PRNGKey(2), images, labels=labels)["params"]
+
+  out = model.apply({"params": params}, images, labels=labels)
+  assert np.isfinite(np.asarray(out["logits"], np.float32)).all()
+
+  def loss_fn(p):
+    out = model.apply({"params": p}, images, train=True, labels=labels,
+                      rngs={"dropout": jax.random.PRNGKey(3)})
+    return compute_losses(out, labels, c)[0]
+
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  assert np.isfinite(float(loss))
+  assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
+  depth = c.backbone_depth
+  assert len(calls) >= 2 * depth  # the ViT's blocks in both passes, at least
+  assert any(has_lengths for _, has_lengths in calls) == (decoder == "mlseg_gt")
+
+
+def test_key_lengths_hide_the_keys_past_them():
+  attn = vit.SelfAttention(num_heads=2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 16))
+  lengths = jnp.array([7, 4, 1], jnp.int32)
+  params = attn.init(jax.random.PRNGKey(1), x, train=False)
+  got = attn.apply(params, x, train=False, kv_seqlen=lengths)
+  # The visible queries see what they see with the hidden tokens cut from the sequence.
+  for i, n in enumerate(np.asarray(lengths)):
+    short = attn.apply(params, x[i:i + 1, :n], train=False)
+    np.testing.assert_allclose(got[i, :n], short[0], rtol=1e-5, atol=1e-6)
+
+
+def test_key_lengths_hide_keys_on_the_dropout_path_too():
+  # Training with attention dropout computes the probabilities explicitly.
+  attn = vit.SelfAttention(num_heads=2, dropout=0.1)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 16))
+  params = attn.init(jax.random.PRNGKey(1), x, train=False)
+  lengths = jnp.array([4, 4, 4], jnp.int32)
+  run = lambda t: attn.apply(params, t, train=True, kv_seqlen=lengths,
+                             rngs={"dropout": jax.random.PRNGKey(2)})
+  moved = run(x.at[:, 4:].set(1e3))  # the hidden tokens change wildly
+  np.testing.assert_allclose(moved[:, :4], run(x)[:, :4], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(moved[:, 4:], run(x)[:, 4:])
