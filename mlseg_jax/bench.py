@@ -29,8 +29,10 @@ Output: a table on stdout and, with --json, every number in a JSON file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import io
 import json
 import os
 import platform
@@ -717,6 +719,161 @@ def run_torch_peer(config, batch: int, steps: int, warmup: int, compile_mode: st
 
 
 # ---------------------------------------------------------------------------------------
+# Memory plan: what a training step keeps, traced on the host without running anything.
+
+_SHORT_DTYPE_BYTES = {"bool": 1, "pred": 1}
+
+
+def _aval_bytes(short: str) -> int:
+  """Bytes of an abstract value printed the short way, e.g. 'bf16[8,1025,768]'."""
+  dtype, _, dims = short.partition("[")
+  dims = dims.rstrip("]")
+  count = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+  if dtype in _SHORT_DTYPE_BYTES:
+    return count * _SHORT_DTYPE_BYTES[dtype]
+  bits = int("".join(ch for ch in dtype if ch.isdigit()) or 0)
+  if not bits:
+    raise ValueError(f"cannot size {short!r}")
+  return count * max(bits // 8, 1)
+
+
+@contextlib.contextmanager
+def _flash_attention_standin():
+  """cuDNN's kernel cannot be traced without a GPU. Stand in for it with XLA attention
+  behind a custom VJP that keeps what flash attention keeps for the backward pass -- q, k,
+  v, the output and the per-row softmax log-sum-exp -- instead of the (B, heads, N, N)
+  probabilities, and that a remat policy cannot look into (it sees no dots inside)."""
+  import jax
+  import jax.numpy as jnp
+
+  real = jax.nn.dot_product_attention
+
+  @jax.custom_vjp
+  def flash(q, k, v, lengths):
+    return real(q, k, v, implementation="xla", key_value_seq_lengths=lengths)
+
+  def flash_fwd(q, k, v, lengths):
+    out = flash(q, k, v, lengths)
+    lse = jax.nn.logsumexp(jnp.einsum("bqhd,bkhd->bhq", q, k).astype(jnp.float32), -1)
+    return out, (q, k, v, lengths, out, lse)
+
+  def flash_bwd(res, g):
+    q, k, v, lengths, _, _ = res
+    _, vjp = jax.vjp(lambda q, k, v: real(q, k, v, implementation="xla",
+                                          key_value_seq_lengths=lengths), q, k, v)
+    return (*vjp(g), None)
+
+  flash.defvjp(flash_fwd, flash_bwd)
+
+  def standin(query, key, value, bias=None, mask=None, *, implementation=None,
+              key_value_seq_lengths=None, **kwargs):
+    if implementation != "cudnn" or bias is not None or mask is not None or kwargs:
+      return real(query, key, value, bias, mask, implementation=implementation,
+                  key_value_seq_lengths=key_value_seq_lengths, **kwargs)
+    if key_value_seq_lengths is None:
+      key_value_seq_lengths = jnp.full((query.shape[0],), key.shape[1], jnp.int32)
+    return flash(query, key, value, key_value_seq_lengths)
+
+  jax.nn.dot_product_attention = standin
+  try:
+    yield
+  finally:
+    jax.nn.dot_product_attention = real
+
+
+def saved_activation_bytes(config, batch: int) -> int:
+  """Bytes the training loss's forward keeps for its backward pass at `batch` images
+  (jax's saved residuals, the parameters and the batch excluded): what `model.remat` and
+  `model.remat_policy` trade against recomputation. Traced with abstract inputs: no device
+  memory is touched. A lower bound of the step's activation memory: the backward's own
+  temporaries (one block's recomputation, gradients in flight) come on top."""
+  import jax
+  import jax.numpy as jnp
+  from jax.ad_checkpoint import print_saved_residuals
+
+  from mlseg_jax import train as train_lib
+  from mlseg_jax.losses import compute_losses
+  from mlseg_jax.models.segmenter import build_model
+
+  model = build_model(config.model)
+  with _flash_attention_standin():
+    params = train_lib.abstract_params(config, model)
+  h, w = config.data.crop_size
+  images = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
+  labels = jax.ShapeDtypeStruct((batch, h, w), jnp.int32)
+
+  def loss(p):
+    out = model.apply({"params": p}, jnp.zeros(images.shape, images.dtype), train=True,
+                      labels=jnp.zeros(labels.shape, labels.dtype),
+                      rngs={"dropout": jax.random.PRNGKey(0)})
+    return compute_losses(out, jnp.zeros(labels.shape, labels.dtype), config.model)[0]
+
+  printed = io.StringIO()
+  with _flash_attention_standin(), contextlib.redirect_stdout(printed):
+    print_saved_residuals(loss, params)
+  total = 0
+  for line in printed.getvalue().splitlines():
+    if not line.strip() or "from the argument" in line:
+      continue  # The parameters are counted apart.
+    total += _aval_bytes(line.split()[0])
+  return total
+
+
+def _tree_bytes(tree) -> int:
+  import jax
+
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(tree))
+
+
+def memory_plan(config, batch: int) -> dict[str, Any]:
+  """Training memory at global batch `batch` on one device, by parts: parameters,
+  optimizer state, and the saved activations without remat and with each remat policy."""
+  from mlseg_jax import optimizer as optim_lib
+  from mlseg_jax import train as train_lib
+  from mlseg_jax.models.segmenter import build_model
+  from mlseg_jax.models.vit import REMAT_POLICIES
+
+  import jax
+
+  config = bench_config(config, batch)
+  model = build_model(config.model)
+  with _flash_attention_standin():
+    params = train_lib.abstract_params(config, model)
+  tx, _ = optim_lib.make_optimizer(config.optim, params, config.train.total_steps)
+
+  opt_state = jax.eval_shape(tx.init, params)
+  plan = {"batch": batch, "params_bytes": _tree_bytes(params),
+          "opt_state_bytes": _tree_bytes(opt_state), "activations_bytes": {}}
+  variants = [("none", False, config.model.remat_policy)]
+  variants += [(name, True, name) for name in REMAT_POLICIES]
+  for label, remat, policy in variants:
+    c = config.copy_and_resolve_references()
+    c.model.remat, c.model.remat_policy = remat, policy
+    plan["activations_bytes"][label] = saved_activation_bytes(c, batch)
+  return plan
+
+
+def format_plan(plan: dict, config) -> str:
+  m = config.model
+  width, depth, heads, patch = backbone_dims(m)
+  state = plan["params_bytes"] * 2 + plan["opt_state_bytes"]  # + the gradients
+  lines = [
+      f"memory plan: ViT {m.backbone} (width {width}, depth {depth}), {m.decoder}, crop "
+      f"{tuple(config.data.crop_size)}, batch {plan['batch']}, {m.dtype}, attention "
+      f"{m.attention_impl or 'default'}, optimizer {config.optim.name}",
+      f"  parameters {_fmt_bytes(plan['params_bytes'])}, gradients "
+      f"{_fmt_bytes(plan['params_bytes'])}, optimizer state "
+      f"{_fmt_bytes(plan['opt_state_bytes'])}: {_fmt_bytes(state)}",
+      "  | remat policy | saved activations | + parameters, gradients, optimizer state |",
+      "  |---|---|---|",
+  ]
+  for name, act in plan["activations_bytes"].items():
+    lines.append(f"  | {name} | {_fmt_bytes(act)} | {_fmt_bytes(act + state)} |")
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
 # The whole run.
 
 
@@ -1012,7 +1169,7 @@ def _json_default(x):
 # Command line.
 
 
-def _normalise_argv(argv: list[str], bool_flags=("torch", "sweep_batch")) -> list[str]:
+def _normalise_argv(argv: list[str], bool_flags=("torch", "sweep_batch", "plan")) -> list[str]:
   """Accepts `--sweep-batch` and `--no-torch` spellings beside absl's `--sweep_batch` and
   `--notorch`. `--config.*` overrides are left alone."""
   out = []
@@ -1066,6 +1223,9 @@ def main(argv=None):
                                        "MiB of the bandwidth copy (0: by platform)."),
   }
   _JSON = flags.DEFINE_string("json", "", "Write every number to this JSON file.")
+  _PLAN = flags.DEFINE_boolean(
+      "plan", False, "Only the memory plan at --batch: parameters, optimizer state and "
+      "the activations each remat policy keeps, traced on the host (no device work).")
 
   def _main(args):
     if len(args) > 1:
@@ -1077,10 +1237,16 @@ def main(argv=None):
     for name in ("batch", "steps"):
       if getattr(opts, name) < 1:
         raise app.UsageError(f"--{name}={getattr(opts, name)} must be at least 1")
-    results = run(config, opts, log=lambda s: print(s, file=sys.stderr, flush=True))
+    if _PLAN.value:
+      results = {"plan": memory_plan(config, opts.batch)}
+      print(format_plan(results["plan"], config), flush=True)
+    else:
+      results = run(config, opts, log=lambda s: print(s, file=sys.stderr, flush=True))
+    results.setdefault("config", {})
     results["config"]["file"] = config_flags.get_config_filename(flags.FLAGS["config"])
     results["config"]["overrides"] = config_flags.get_override_values(flags.FLAGS["config"])
-    print(format_table(results), flush=True)
+    if not _PLAN.value:
+      print(format_table(results), flush=True)
     if _JSON.value:
       path = Path(_JSON.value)
       path.parent.mkdir(parents=True, exist_ok=True)

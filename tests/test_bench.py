@@ -283,3 +283,108 @@ def _cli_config():
       node = node[p]
     node[leaf] = tuple(int(v) for v in value.split(",")) if "," in value else int(value)
   return config
+
+
+# ---------------------------------------------------------------------------------------
+# Memory plan.
+
+
+def test_aval_bytes_reads_jaxs_short_spelling():
+  assert bench._aval_bytes("bf16[8,1025,768]") == 8 * 1025 * 768 * 2
+  assert bench._aval_bytes("f32[2,3]") == 24
+  assert bench._aval_bytes("bool[4,4]") == 16
+  assert bench._aval_bytes("i32[]") == 4
+  with pytest.raises(ValueError, match="cannot size"):
+    bench._aval_bytes("token[]")
+
+
+def test_saved_activations_by_hand_for_a_tiny_vit():
+  # Without remat the linear decoder's loss keeps, per ViT block, a handful of (B, N, D)
+  # and (B, N, 4D) tensors; with full remat only each block's input: B x N x D floats per
+  # block, N = 1 + 2 x 3 patches (32 x 48 crop).
+  config = tiny_config("linear", backbone_depth=2, dropout=0.0, drop_path_rate=0.0,
+                       remat=True, remat_policy="nothing_saveable")
+  full = bench.saved_activation_bytes(config, 2)
+  config.model.remat = False
+  none = bench.saved_activation_bytes(config, 2)
+  block_inputs = 2 * (2 * 7 * 64 * 4)  # depth x (B x N x D float32)
+  assert full >= block_inputs
+  assert none > full + 2 * (2 * 7 * 256 * 4)  # at least the fc1 outputs come on top
+
+
+def test_remat_policies_keep_less_and_compute_the_same_gradients():
+  from mlseg_jax.losses import compute_losses
+  from mlseg_jax.models.segmenter import build_model
+
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 48, 3))
+  labels = jax.random.randint(jax.random.PRNGKey(1), (2, 32, 48), -1, 5)
+  grads, saved = {}, {}
+  for name, remat, policy in [("none", False, "nothing_saveable"),
+                              ("dots", True, "dots_with_no_batch_dims_saveable"),
+                              ("full", True, "nothing_saveable")]:
+    config = tiny_config("mask_transformer", remat=remat, remat_policy=policy)
+    model = build_model(config.model)
+    params = model.init(jax.random.PRNGKey(2), images)["params"]
+
+    def loss(p):
+      out = model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.PRNGKey(3)})
+      return compute_losses(out, labels, config.model)[0]
+
+    grads[name] = jax.jit(jax.grad(loss))(params)
+    saved[name] = bench.saved_activation_bytes(config, 2)
+  assert saved["none"] > saved["dots"] > saved["full"]
+  for name in ("dots", "full"):
+    for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[name])):
+      assert jnp.allclose(a, b, rtol=1e-4, atol=1e-6), name
+
+
+def test_unknown_remat_policy_is_refused():
+  from mlseg_jax.models.segmenter import build_model
+
+  with pytest.raises(ValueError, match="model.remat_policy='everything'"):
+    build_model(tiny_config(remat=True, remat_policy="everything").model)
+
+
+def test_decoder_attention_with_dropout_keeps_no_quadratic_tensor():
+  # The decoder trains with dropout on its attention probabilities; they are recomputed in
+  # the backward pass, so nothing of shape (B, heads, N, N) is kept.
+  from jax.ad_checkpoint import print_saved_residuals
+  import contextlib
+  import io
+
+  from mlseg_jax.models import vit
+
+  attn = vit.SelfAttention(num_heads=2, dropout=0.1)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 50, 16))
+  params = attn.init(jax.random.PRNGKey(1), x, train=False)["params"]
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    print_saved_residuals(
+        lambda p: attn.apply({"params": p}, x, train=True,
+                             rngs={"dropout": jax.random.PRNGKey(2)}).sum(), params)
+  assert "50,50]" not in printed.getvalue(), printed.getvalue()
+  assert "[3,50," in printed.getvalue()  # q, k, v and the like are kept
+
+
+def test_the_memory_plan_command(tmp_path):
+  out = tmp_path / "plan.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "mlseg_jax.bench", "--config", "configs/quickstart.py",
+         "--batch", "4", "--plan", "--json", str(out)] + TINY_OVERRIDES
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "memory plan:" in proc.stdout and "| nothing_saveable |" in proc.stdout
+  plan = json.loads(out.read_text())["plan"]
+  assert plan["batch"] == 4
+  act = plan["activations_bytes"]
+  assert set(act) == {"none", "nothing_saveable", "dots_with_no_batch_dims_saveable",
+                      "dots_saveable"}
+  assert act["none"] > act["dots_with_no_batch_dims_saveable"] > act["nothing_saveable"] > 0
+  config = _cli_config()
+  from mlseg_jax import train as train_lib
+  from mlseg_jax.models.segmenter import build_model
+
+  params = train_lib.abstract_params(config, build_model(config.model))
+  assert plan["params_bytes"] == sum(x.size * 4 for x in jax.tree.leaves(params))
+  # AdamW: mu and nu, plus step counters.
+  assert 2 * plan["params_bytes"] <= plan["opt_state_bytes"] < 2 * plan["params_bytes"] + 64

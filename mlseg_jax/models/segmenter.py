@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mlseg_jax.models import mask_transformer
-from mlseg_jax.models.vit import VARIANTS, ViT
+from mlseg_jax.models.vit import REMAT_POLICIES, VARIANTS, ViT
 from mlseg_jax.resize import resize_bilinear
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -66,7 +66,8 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.oce_init = "zeros"
   # Numerics and memory.
   c.dtype = "float32"
-  c.remat = False
+  c.remat = False  # Rematerialise each ViT block in the backward pass.
+  c.remat_policy = "nothing_saveable"  # What it keeps: a name in vit.REMAT_POLICIES.
   c.attention_impl = ml_collections.config_dict.placeholder(str)  # None, "xla", "cudnn".
   return c
 
@@ -106,11 +107,14 @@ def build_model(c: ml_collections.ConfigDict) -> Segmenter:
   if c.attention_impl == "cudnn" and c.dtype not in ("bfloat16", "float16"):
     raise ValueError(f"model.attention_impl='cudnn' needs model.dtype bfloat16 or float16, "
                      f"not {c.dtype!r}: cuDNN's fused attention has no float32 kernel")
+  if c.remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy={c.remat_policy!r} is not one of "
+                     f"{sorted(REMAT_POLICIES)}")
   dtype = DTYPES[c.dtype]
   backbone = ViT(
       variant=c.backbone, width_override=c.backbone_width,
       depth_override=c.backbone_depth, heads_override=c.backbone_heads, img_size=tuple(c.img_size), drop_path_rate=c.drop_path_rate,
       num_class_tokens=c.num_classes if c.oce else 0,
       class_token_start_layer=c.oce_start_layer, class_token_init=c.oce_init,
-      remat=c.remat, dtype=dtype, attention_impl=c.attention_impl)
+      remat=c.remat, remat_policy=c.remat_policy, dtype=dtype, attention_impl=c.attention_impl)
   return Segmenter(backbone=backbone, decode_head=DECODERS[c.decoder](c, dtype))

@@ -10,6 +10,7 @@ converters in `mlseg_jax/convert.py` are short tables.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -52,6 +53,18 @@ class DropPath(nn.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def _dropout_attention(q, k, v, kv_seqlen, rng, *, rate: float, dtype):
+  """softmax(q k^T / sqrt(d)) with dropout on the probabilities, times v; (B, N, H, Dh)."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+  if kv_seqlen is not None:
+    valid = jnp.arange(k.shape[1])[None, None, None, :] < kv_seqlen[:, None, None, None]
+    logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+  probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (timm / Segmenter layout)."""
   num_heads: int
@@ -72,14 +85,12 @@ class SelfAttention(nn.Module):
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, N, H, Dh)
     if train and self.dropout > 0.0:
       # Dropout on the attention probabilities (the Segmenter decoder trains with 0.1)
-      # needs the probabilities themselves, so the fused kernel cannot be used here.
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d // h) ** -0.5
-      if kv_seqlen is not None:
-        valid = jnp.arange(n)[None, None, None, :] < kv_seqlen[:, None, None, None]
-        logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
-      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-      probs = nn.Dropout(self.dropout)(probs, deterministic=False)
-      y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+      # needs the probabilities themselves, so the fused kernel cannot be used here. They
+      # are recomputed in the backward pass from q, k, v and the dropout key rather than
+      # stored: the probabilities, their float32 softmax and the dropout mask are several
+      # (B, heads, N, N) tensors per layer, most of the decoder's activation memory.
+      attend = functools.partial(_dropout_attention, rate=self.dropout, dtype=self.dtype)
+      y = jax.checkpoint(attend)(q, k, v, kv_seqlen, self.make_rng("dropout"))
     else:
       y = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_seqlen,
                                        implementation=self.attention_impl)
@@ -142,6 +153,19 @@ def resize_pos_embed(pos_embed, new_grid: Sequence[int], old_grid: Sequence[int]
   return jnp.concatenate([cls_entry, grid.reshape(1, new_grid[0] * new_grid[1], -1)], 1)
 
 
+# What a rematerialised block keeps for the backward pass (jax.checkpoint_policies).
+REMAT_POLICIES = {
+    # Only the block's input: the whole block runs again (~1/3 more FLOPs, least memory).
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    # Also the Dense outputs (qkv, proj, fc1, fc2): the backward recomputes only the
+    # LayerNorms, GELU and attention, cheap next to the matmuls, for most of the saving.
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Every matmul output, the attention's batched ones included.
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
 class ViT(nn.Module):
   """ViT encoder returning the final-normed patch tokens on their (gh, gw) grid.
 
@@ -162,6 +186,7 @@ class ViT(nn.Module):
   class_token_start_layer: int = 0
   class_token_init: str = "zeros"  # "zeros" with pretrained weights, "trunc_normal" from scratch.
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # a name in REMAT_POLICIES
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
 
@@ -205,7 +230,11 @@ class ViT(nn.Module):
         raise ValueError(f"class_token_start_layer={self.class_token_start_layer} "
                          f"outside the {depth} layers of {self.variant}")
 
-    block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r} is not one of "
+                       f"{sorted(REMAT_POLICIES)}")
+    block = (nn.remat(Block, static_argnums=(2,), policy=REMAT_POLICIES[self.remat_policy])
+             if self.remat else Block)
     rates = np.linspace(0.0, self.drop_path_rate, depth)
     for i in range(depth):
       if class_tokens is not None and i == self.class_token_start_layer:
