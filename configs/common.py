@@ -69,6 +69,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 8  # Global: 1 image x 8 GPUs in the reference.
   config.train.total_steps = 160_000
   config.train.grad_accum_steps = 1
+  # Device batches a background thread reads ahead (0: read in the loop).
+  config.train.prefetch = 2
   config.train.seed = 0
   config.train.log_every = 50
   config.train.checkpoint_every = 4_000

@@ -64,6 +64,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
   elif (t.batch_size // (data * fsdp)) % t.grad_accum_steps:
     problems.append(f"train.grad_accum_steps={t.grad_accum_steps} does not divide the "
                     f"per-device batch {t.batch_size // (data * fsdp)}")
+  if t.prefetch < 0:
+    problems.append(f"train.prefetch={t.prefetch} must be 0 (off) or a number of batches")
   try:
     from mlseg_jax.data import dataset_info
 

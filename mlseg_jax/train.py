@@ -10,6 +10,7 @@ pretrained weights -> random init.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -317,6 +318,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     data_iter = data_lib.make_train_iterator(
         config.data, config.train.batch_size, config.train.seed)
   checkpointable_iter = data_iter if hasattr(data_iter, "get_state") else None
+  to_device = functools.partial(global_batch, mesh=mesh)
+  prefetcher = None
+  if config.train.prefetch:
+    from mlseg_jax.data.pipeline import DevicePrefetch
+
+    data_iter = prefetcher = DevicePrefetch(data_iter, to_device, config.train.prefetch)
+    checkpointable_iter = prefetcher if checkpointable_iter is not None else None
+    to_device = None
 
   mngr = checkpoint_manager(workdir, config)
   if mngr.latest_step() is not None:
@@ -342,7 +351,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     with _sigterm_raises():
       step = first
       while step < total and (stop_after is None or step - first < stop_after):
-        batch = global_batch(next(data_iter), mesh)
+        batch = next(data_iter) if to_device is None else to_device(next(data_iter))
         state, metrics = step_fn(state, batch)
         step += 1
         logged = progress.update(step, metrics)
@@ -364,6 +373,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                     "step %d", save_error, saved_at)
     progress.close()
     raise
+  finally:
+    if prefetcher is not None:
+      prefetcher.close()
   if int(state.step) > saved_at:
     save_checkpoint(mngr, state, checkpointable_iter, force=True)
   mngr.wait_until_finished()

@@ -149,3 +149,94 @@ def test_global_batch_from_process_local_data(folder):
   assert arrays["image"].shape == (2 * jax.device_count(), 16, 16, 3)
   assert arrays["image"].sharding == sharding
   np.testing.assert_array_equal(np.asarray(arrays["label"]), batch["label"])
+
+
+# ---------------------------------------------------------------------------------------
+# Device prefetch.
+
+
+class _Counting:
+  """A checkpointable iterator of ints that counts how far it has been read."""
+
+  def __init__(self, fail_at=None, end_at=None):
+    self.position, self.fail_at, self.end_at = 0, fail_at, end_at
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.position == self.end_at:
+      raise StopIteration
+    if self.position == self.fail_at:
+      raise ValueError(f"record {self.position} is corrupt")
+    self.position += 1
+    return self.position - 1
+
+  def get_state(self):
+    return {"position": self.position}
+
+  def set_state(self, state):
+    self.position = state["position"]
+
+
+def test_prefetch_reads_ahead_but_checkpoints_what_was_returned():
+  import json
+  import time
+
+  from mlseg_jax.data.pipeline import DevicePrefetch
+
+  inner = _Counting()
+  it = DevicePrefetch(inner, to_device=lambda x: x * 10, size=3)
+  assert [next(it) for _ in range(2)] == [0, 10]
+  deadline = time.time() + 30
+  while inner.position < 2 + 3 and time.time() < deadline:  # Two returned, three queued.
+    time.sleep(0.01)
+  time.sleep(0.2)
+  assert inner.position in (5, 6)  # 3 queued, perhaps 1 more waiting for room: no further.
+  assert json.loads(it.get_state()) == {"position": 2}
+  it.set_state(json.dumps({"position": 7}).encode())  # Drops what was read ahead.
+  assert [next(it) for _ in range(2)] == [70, 80]
+  assert json.loads(it.get_state()) == {"position": 9}
+  it.close()
+
+
+def test_prefetch_raises_a_reading_error_at_the_batch_it_belongs_to():
+  from mlseg_jax.data.pipeline import DevicePrefetch
+
+  it = DevicePrefetch(_Counting(fail_at=3), size=2)
+  assert [next(it) for _ in range(3)] == [0, 1, 2]
+  for _ in range(2):
+    with pytest.raises(ValueError, match="record 3 is corrupt"):
+      next(it)
+  assert list(DevicePrefetch(_Counting(end_at=4))) == [0, 1, 2, 3]
+  with pytest.raises(ValueError, match="at least 1"):
+    DevicePrefetch(_Counting(), size=0)
+  with pytest.raises(TypeError, match="cannot be checkpointed"):
+    DevicePrefetch(iter([1, 2])).get_state()
+
+
+def test_prefetched_grain_iterator_resumes_exactly_through_orbax(folder, tmp_path):
+  from mlseg_jax.data.pipeline import DevicePrefetch
+
+  config = _config(folder)
+  make = lambda: data.make_train_iterator(config, 2, seed=3, process_index=0, process_count=1)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  to_device = lambda b: data.make_global_batch(b, sharding)
+  plain = make()
+  expected = _take(plain, 9)
+  it = DevicePrefetch(make(), to_device, size=2)
+  got = _take(it, 5)
+  _assert_same(jax.device_get(got), expected[:5])
+  assert isinstance(got[0]["image"], jax.Array)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    mngr.save(5, args=ocp.args.Composite(data=data.checkpoint_args(it)))
+    mngr.wait_until_finished()
+    _assert_same(jax.device_get(_take(it, 4)), expected[5:])
+    # The file is the Grain iterator's own: with or without prefetch on either side.
+    for fresh in (DevicePrefetch(make(), to_device, size=2), make()):
+      mngr.restore(5, args=ocp.args.Composite(data=data.checkpoint_args(fresh,
+                                                                        restore=True)))
+      _assert_same(jax.device_get(_take(fresh, 4)), expected[5:])
+      if isinstance(fresh, DevicePrefetch):
+        fresh.close()
+  it.close()

@@ -162,6 +162,16 @@ def test_ten_steps_equal_five_plus_restart_plus_five(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_device_prefetch_trains_exactly_as_reading_in_the_loop(tmp_path):
+  params = {}
+  for prefetch in (0, 3):
+    config = tiny_train_config(total_steps=4, prefetch=prefetch)
+    state, _ = train.train(config, tmp_path / str(prefetch), data_iter=random_batches(seed=5))
+    params[prefetch] = jax.device_get(state.params)
+  for a, b in zip(jax.tree_util.tree_leaves(params[0]), jax.tree_util.tree_leaves(params[3])):
+    np.testing.assert_array_equal(a, b)
+
+
 def _big_state(step):
   """A TrainState of ~400 MB: slow enough to save that a kill lands mid-write."""
   w = np.full((100, 1024, 1024), float(step), np.float32)
@@ -228,6 +238,9 @@ def test_inconsistent_configs_are_refused():
   config = tiny_train_config(decoder="mlseg")
   config.model.topk = 12
   with pytest.raises(ValueError, match="model.topk=12"):
+    validate_config(config, num_devices=1)
+  config = tiny_train_config(prefetch=-1)
+  with pytest.raises(ValueError, match="train.prefetch=-1"):
     validate_config(config, num_devices=1)
   config = tiny_train_config()
   config.data.crop_size = (60, 64)

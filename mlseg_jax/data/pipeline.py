@@ -10,6 +10,7 @@ is what `checkpoint_args` saves with the model.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from absl import flags
@@ -125,3 +126,106 @@ def checkpoint_args(iterator: grain.DatasetIterator, restore: bool = False):
   model's in `ocp.args.Composite(state=..., data=checkpoint_args(it))`."""
   return (grain.checkpoint.CheckpointRestore(iterator) if restore
           else grain.checkpoint.CheckpointSave(iterator))
+
+
+class _Raised:
+  """What the prefetch thread hands over when reading failed (or the iterator ended)."""
+
+  def __init__(self, error: BaseException):
+    self.error = error
+
+
+class DevicePrefetch:
+  """Iterator of device batches read ahead by a background thread.
+
+  `to_device(next(iterator))` for the next `size` batches runs while the devices work, so
+  reading, collating and the host-to-device copy overlap the training step even where the
+  loop waits on the devices (log steps, checkpoints, evaluation).
+
+  Checkpointing saves the position after the last batch *returned*, not after the last one
+  read ahead, so a resumed run sees every batch exactly once. The saved state is the
+  wrapped iterator's own (same file as without prefetch). Errors raised while reading
+  (a corrupt image, a missing file) are raised by the `next()` that would have returned
+  that batch.
+  """
+
+  def __init__(self, iterator, to_device=lambda x: x, size: int = 2):
+    if size < 1:
+      raise ValueError(f"prefetch size must be at least 1, got {size}")
+    self._it, self._to_device, self._size = iterator, to_device, size
+    self._checkpointable = hasattr(iterator, "get_state")
+    self._thread = None
+    self._state = None  # The wrapped iterator's state after the last returned batch.
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._thread is None:
+      self._start()
+    item = self._queue.get()
+    if isinstance(item, _Raised):
+      self._queue.put(item)  # Every later next() raises it too.
+      raise item.error
+    batch, self._state = item
+    return batch
+
+  def _start(self):
+    import queue
+    import threading
+
+    self._state = self._it.get_state() if self._checkpointable else None
+    self._queue = queue.Queue(maxsize=self._size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce, name="device-prefetch",
+                                    daemon=True)
+    self._thread.start()
+
+  def _produce(self):
+    import queue
+
+    def put(item):
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          continue
+      return False
+
+    try:
+      while not self._stop.is_set():
+        host = next(self._it)
+        state = self._it.get_state() if self._checkpointable else None
+        if not put((self._to_device(host), state)):
+          return
+    except BaseException as e:  # noqa: BLE001  (StopIteration included: handed over)
+      put(_Raised(e))
+
+  def close(self):
+    """Stops the thread; batches read ahead are dropped (the state does not count them)."""
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+
+  # Grain's checkpoint handler saves `get_state()` bytes of iterators that are not its
+  # own DatasetIterator, restores with `set_state(bytes)`, then calls `start_prefetch()`.
+  def get_state(self) -> bytes:
+    if not self._checkpointable:
+      raise TypeError(f"{type(self._it).__name__} has no get_state(): it cannot be "
+                      "checkpointed")
+    state = self._state if self._thread is not None else self._it.get_state()
+    if isinstance(state, bytes):
+      return state
+    return json.dumps(state, indent=4).encode()
+
+  def set_state(self, state) -> None:
+    self.close()
+    if isinstance(state, (bytes, str)) and not isinstance(self._it.get_state(), bytes):
+      state = json.loads(state)  # get_state() encoded it.
+    self._it.set_state(state)
+
+  def start_prefetch(self) -> None:
+    if self._thread is None and hasattr(self._it, "start_prefetch"):
+      self._it.start_prefetch()
