@@ -62,6 +62,8 @@ PEAK_SIZES = {
 PEAK_REPS = 5  # Medians are taken over this many groups...
 PEAK_INNER = 10  # ...of this many calls dispatched back to back (hides launch latency).
 
+PROFILE_STEPS = 3  # Training steps in a --profile trace.
+
 # The selecting MLSeg heads (their losses read the k rank slots, not the n_cls classes).
 SELECTING_DECODERS = ("mlseg", "mlseg_trandec", "mlseg_pooling")
 
@@ -349,9 +351,11 @@ def bench_config(config, batch: int):
   return config
 
 
-def bench_train(config, batch: int, mesh, steps: int, warmup: int) -> tuple[dict, Any]:
+def bench_train(config, batch: int, mesh, steps: int, warmup: int,
+                profile_dir: str = "") -> tuple[dict, Any]:
   """Compiles and times the training step at global batch `batch`; returns (results,
-  trained params) -- the params are reused by the other phases."""
+  trained params) -- the params are reused by the other phases. With `profile_dir`, a
+  profiler trace of PROFILE_STEPS more steps goes there."""
   import jax
 
   from mlseg_jax import train as train_lib
@@ -389,6 +393,12 @@ def bench_train(config, batch: int, mesh, steps: int, warmup: int) -> tuple[dict
   res["loop_step_s"] = (time.perf_counter() - start) / steps
   res["loss"] = float(jax.device_get(metrics["loss"]))
   res["device_peak_bytes"] = device_peak_bytes(mesh.devices.flat[0])
+  if profile_dir:
+    with jax.profiler.trace(profile_dir):
+      for _ in range(PROFILE_STEPS):
+        state, metrics = compiled(state, data)
+      jax.block_until_ready(state)
+    res["profile"] = profile_summary(profile_dir, PROFILE_STEPS)
   params = state.params
   del state, metrics, compiled, data
   gc.collect()
@@ -719,6 +729,42 @@ def run_torch_peer(config, batch: int, steps: int, warmup: int, compile_mode: st
 
 
 # ---------------------------------------------------------------------------------------
+# Profile.
+
+
+def profile_summary(trace_dir, steps: int, top: int = 15) -> dict[str, Any]:
+  """The busiest operations of the newest trace under `trace_dir` (the Chrome-trace file
+  jax.profiler writes beside its xplane.pb): device time per operation name summed over
+  the accelerator's streams (`/device:...` processes), per step. Without an accelerator
+  (the CPU backend) the host's XLA work is all there is; Python frames are left out, and
+  its events nest (an executable's run holds its operations), so their shares overlap."""
+  import gzip
+
+  traces = sorted(Path(trace_dir).glob("plugins/profile/*/*.trace.json.gz"))
+  if not traces:
+    return {"trace_dir": str(trace_dir), "error": "no trace file written"}
+  events = json.loads(gzip.open(traces[-1]).read())["traceEvents"]
+  process = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+  devices = {pid for pid, name in process.items() if name.startswith("/device:")}
+  totals: dict[str, float] = {}
+  for e in events:
+    if e.get("ph") != "X" or "dur" not in e:
+      continue
+    if devices and e["pid"] not in devices:
+      continue
+    if not devices and e["name"].startswith("$"):  # Python frames of the host trace.
+      continue
+    totals[e["name"]] = totals.get(e["name"], 0.0) + float(e["dur"])
+  busy = sum(totals.values())
+  ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+  return {"trace": str(traces[-1]), "steps": steps, "scope": "device" if devices else "host",
+          "busy_ms_per_step": busy / 1e3 / steps,
+          "top": [{"name": n, "ms_per_step": t / 1e3 / steps, "share": t / busy if busy else 0}
+                  for n, t in ranked]}
+
+
+# ---------------------------------------------------------------------------------------
 # Memory plan: what a training step keeps, traced on the host without running anything.
 
 _SHORT_DTYPE_BYTES = {"bool": 1, "pred": 1}
@@ -892,6 +938,7 @@ class Options:
   devices: int = 0  # 0: every device.
   matmul_size: int = 0  # 0: PEAK_SIZES of the platform.
   copy_mib: int = 0
+  profile: str = ""  # A directory: trace PROFILE_STEPS training steps into it.
 
 
 def _derive(res: dict, analytic: int, peak_tflops: float, n_dev: int, batch: int):
@@ -974,7 +1021,8 @@ def run(config, opts: Options, log: Callable[[str], None] = print) -> dict[str, 
 
   # 3. The training step.
   log(f"train: compiling the step at batch {batch} on {n_dev} {dev0.device_kind} ...")
-  train_res, (model, params) = bench_train(config, batch, mesh, opts.steps, opts.warmup)
+  train_res, (model, params) = bench_train(config, batch, mesh, opts.steps, opts.warmup,
+                                           opts.profile)
   results["train"] = train_res
   log(f"train: compiled in {train_res['compile_s']:.1f} s; XLA flops "
       f"{_fmt_num(train_res['xla_flops'])}, memory {_fmt_memory(train_res['memory'])}")
@@ -1147,6 +1195,14 @@ def format_table(results: dict) -> str:
                f"{tr['ours_step_over_torch_backbone']:.3f}")
     lines.append(line)
     lines += [f"  note: {n}" for n in tr.get("notes", [])]
+  prof = results["train"].get("profile")
+  if prof and "top" in prof:
+    lines.append(f"profile ({prof['trace']}): {prof['scope']} busy "
+                 f"{prof['busy_ms_per_step']:.2f} ms per training step; busiest operations:")
+    lines += [f"  {op['ms_per_step']:9.3f} ms {100 * op['share']:5.1f} %  {op['name'][:90]}"
+              for op in prof["top"]]
+  elif prof:
+    lines.append(f"profile: {prof['error']} in {prof['trace_dir']}")
   sw = results.get("sweep")
   if sw:
     lines.append(f"largest batch: {sw['largest']} (tried "
@@ -1221,6 +1277,10 @@ def main(argv=None):
                                           "n of the n^3 peak matmul (0: by platform)."),
       "copy_mib": flags.DEFINE_integer("copy_mib", defaults.copy_mib,
                                        "MiB of the bandwidth copy (0: by platform)."),
+      "profile": flags.DEFINE_string(
+          "profile", defaults.profile,
+          "Trace a few training steps into this directory (TensorBoard / Perfetto) and "
+          "print the busiest operations."),
   }
   _JSON = flags.DEFINE_string("json", "", "Write every number to this JSON file.")
   _PLAN = flags.DEFINE_boolean(

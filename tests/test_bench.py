@@ -229,12 +229,14 @@ def test_the_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   cmd = [sys.executable, "-m", "mlseg_jax.bench", "--config", "configs/quickstart.py",
          "--batch", "2", "--steps", "2", "--warmup", "1", "--eval-images", "1",
-         "--matmul_size", "128", "--copy_mib", "4", "--json", str(out)] + TINY_OVERRIDES
+         "--matmul_size", "128", "--copy_mib", "4", "--json", str(out),
+         "--profile", str(tmp_path / "profile")] + TINY_OVERRIDES
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   table = proc.stdout
   for text in ("device: 2 x cpu", "MFU xla", "MFU model", "train step", "eval forward",
-               "eval sliding window:", "torch peer:", "peak: matmul bf16"):
+               "eval sliding window:", "torch peer:", "peak: matmul bf16",
+               "busiest operations:"):
     assert text in table, table
 
   r = json.loads(out.read_text())
@@ -251,6 +253,10 @@ def test_the_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     assert res["images_per_s_per_device"] == pytest.approx(res["images_per_s"] / 2)
   assert r["train"]["analytic_flops"] == bench.model_flops(_cli_config(), 2)
   assert "loop_step_s" in r["train"] and "loss" in r["train"]
+  prof = r["train"]["profile"]
+  assert prof["steps"] == bench.PROFILE_STEPS and prof["scope"] == "host"
+  assert prof["top"] and prof["top"][0]["ms_per_step"] > 0
+  assert list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
   assert "device_peak_bytes" in r["train"]  # None where the backend keeps no allocator stats
   assert "device_peak_bytes_so_far" in r["eval"]
   for key in ("argument", "output", "temp", "generated_code", "total"):

@@ -1,5 +1,6 @@
 """launch/: the commands the TPU and SLURM scripts run, checked through --dry-run and fakes."""
 
+import json
 import os
 import shlex
 import shutil
@@ -12,7 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SCRIPTS = sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch"))
+SCRIPTS = (sorted(LAUNCH.glob("*.sh")) + sorted(LAUNCH.glob("*.sbatch"))
+           + [REPO / "benchmarks" / "gpu.sh"])
 TRAIN = ["-m", "mlseg_jax.main", "--config", "configs/ade20k_vit_l.py"]
 # An override with a space and a quote: it must reach the trainer as one argument.
 OVERRIDES = ["--config.total_steps=100", "--config.run_name=bob's run"]
@@ -277,3 +279,23 @@ def test_bad_invocations_say_what_is_wrong(script, args, message):
   env = {k: "" for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST")}
   result = _run(script, "--dry-run", *args, env=env, check=False)
   assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_gpu_benchmark_script_runs_its_host_only_phase(tmp_path):
+  # The memory plans need no GPU: the script's plumbing (package check, log, JSON per
+  # phase, results packed into $OUT) runs here as it would on the GPU machine.
+  env = dict(os.environ, PYTHON=sys.executable, RESULTS=str(tmp_path / "results"),
+             OUT=str(tmp_path / "out"), JAX_PLATFORMS="cpu")
+  (tmp_path / "out").mkdir()
+  proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "plan"], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  results = tmp_path / "results"
+  for name in ("plan_b16_b32", "plan_l16_b8"):
+    plan = json.loads((results / f"{name}.json").read_text())["plan"]
+    assert plan["activations_bytes"]["nothing_saveable"] > 0
+    assert "| nothing_saveable |" in (results / f"{name}.txt").read_text()
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["log.txt", "results.tar.gz"]
+  bad = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "b32"], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2 and "unknown phase b32" in bad.stderr
