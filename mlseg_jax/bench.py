@@ -901,13 +901,15 @@ def memory_plan(config, batch: int) -> dict[str, Any]:
 
 
 def format_plan(plan: dict, config) -> str:
+  from mlseg_jax.models.segmenter import resolve_attention_impl
+
   m = config.model
   width, depth, heads, patch = backbone_dims(m)
   state = plan["params_bytes"] * 2 + plan["opt_state_bytes"]  # + the gradients
   lines = [
       f"memory plan: ViT {m.backbone} (width {width}, depth {depth}), {m.decoder}, crop "
       f"{tuple(config.data.crop_size)}, batch {plan['batch']}, {m.dtype}, attention "
-      f"{m.attention_impl or 'default'}, optimizer {config.optim.name}",
+      f"{resolve_attention_impl(m.attention_impl, m.dtype)}, optimizer {config.optim.name}",
       f"  parameters {_fmt_bytes(plan['params_bytes'])}, gradients "
       f"{_fmt_bytes(plan['params_bytes'])}, optimizer state "
       f"{_fmt_bytes(plan['opt_state_bytes'])}: {_fmt_bytes(state)}",
@@ -961,6 +963,7 @@ def run(config, opts: Options, log: Callable[[str], None] = print) -> dict[str, 
 
   from mlseg_jax import sharding as sharding_lib
   from mlseg_jax.main import validate_config
+  from mlseg_jax.models.segmenter import resolve_attention_impl
 
   # 1. The peer, before JAX starts its backend (on GPUs that reserves most of the memory).
   torch_res = {"skipped": "--notorch"}
@@ -988,7 +991,9 @@ def run(config, opts: Options, log: Callable[[str], None] = print) -> dict[str, 
       "config": {"backbone": m.backbone, "width": width, "depth": depth, "heads": heads,
                  "patch": patch, "crop": list(config.data.crop_size),
                  "decoder": m.decoder, "num_classes": m.num_classes, "dtype": m.dtype,
-                 "attention_impl": m.attention_impl, "remat": bool(m.remat),
+                 "attention_impl": resolve_attention_impl(m.attention_impl, m.dtype),
+                 "remat": bool(m.remat),
+                 "remat_policy": m.remat_policy if m.remat else None,
                  "topk": m.topk if m.decoder in SELECTING_DECODERS else None},
       "options": dataclasses.asdict(opts),
       "torch": torch_res,
@@ -1133,7 +1138,8 @@ def format_table(results: dict) -> str:
          else ""),
       f"model: ViT-{c['backbone']} (width {c['width']}, depth {c['depth']}, heads "
       f"{c['heads']}) {c['crop'][0]}x{c['crop'][1]}, decoder {c['decoder']}, dtype "
-      f"{c['dtype']}, attention {c['attention_impl'] or 'default'}, remat {c['remat']}",
+      f"{c['dtype']}, attention {c['attention_impl']}, remat "
+      f"{c.get('remat_policy') or 'off'}",
       f"peak: matmul bf16 {p['matmul_bfloat16']['tflops']:.2f} TFLOP/s"
       + (f", {p['compute_dtype']} {p['tflops']:.2f} TFLOP/s"
          if p["compute_dtype"] != "bfloat16" else "")

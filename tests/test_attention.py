@@ -94,3 +94,32 @@ def test_key_lengths_hide_keys_on_the_dropout_path_too():
   moved = run(x.at[:, 4:].set(1e3))  # the hidden tokens change wildly
   np.testing.assert_allclose(moved[:, :4], run(x)[:, :4], rtol=1e-5, atol=1e-5)
   assert not np.allclose(moved[:, 4:], run(x)[:, 4:])
+
+
+class _FakeDevice:
+  def __init__(self, platform, version):
+    self.platform = platform
+    self.client = type("Client", (), {"platform_version": version})()
+
+
+@pytest.mark.parametrize("platform,version,dtype,expected", [
+    ("gpu", "cuda 12080", "bfloat16", "cudnn"),
+    ("gpu", "cuda 12080", "float16", "cudnn"),
+    ("gpu", "cuda 12080", "float32", "xla"),  # cuDNN has no float32 flash kernel.
+    ("gpu", "rocm 60300", "bfloat16", "xla"),
+    ("tpu", "PJRT C API", "bfloat16", "xla"),
+    ("cpu", "cpu", "bfloat16", "xla")])
+def test_default_attention_is_cudnn_on_nvidia_gpus_in_half_precision(
+    monkeypatch, platform, version, dtype, expected):
+  from mlseg_jax.models import segmenter
+
+  monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice(platform, version)])
+  assert segmenter.resolve_attention_impl(None, dtype) == expected
+  assert segmenter.resolve_attention_impl("xla", dtype) == "xla"  # An explicit choice stays.
+
+
+def test_build_model_resolves_the_default_attention_without_touching_the_config():
+  c = tiny_model_config(dtype="bfloat16")
+  model = build_model(c)
+  assert model.backbone.attention_impl == "xla"  # The CPU.
+  assert c.attention_impl is None

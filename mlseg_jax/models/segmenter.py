@@ -8,8 +8,10 @@ align_corners=False)` does: the padded grid is resized straight to the image siz
 
 from __future__ import annotations
 
+from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -68,6 +70,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.remat = False  # Rematerialise each ViT block in the backward pass.
   c.remat_policy = "nothing_saveable"  # What it keeps: a name in vit.REMAT_POLICIES.
+  # None: cuDNN's fused kernel on NVIDIA GPUs when computing in bf16/fp16, XLA elsewhere.
   c.attention_impl = ml_collections.config_dict.placeholder(str)  # None, "xla", "cudnn".
   return c
 
@@ -91,6 +94,19 @@ DECODERS = {
 }
 
 
+def resolve_attention_impl(requested: Optional[str], dtype: str) -> str:
+  """`model.attention_impl`, with None resolved for the default device: cuDNN's fused
+  flash attention on NVIDIA GPUs when computing in bf16/fp16 (it has no float32 kernel),
+  XLA's attention elsewhere."""
+  if requested is not None:
+    return requested
+  if dtype in ("bfloat16", "float16"):
+    device = jax.devices()[0]
+    if device.platform == "gpu" and "cuda" in device.client.platform_version.lower():
+      return "cudnn"
+  return "xla"
+
+
 def build_model(c: ml_collections.ConfigDict) -> Segmenter:
   """The Segmenter of a model config (`config.model`)."""
   from mlseg_jax.models import mlseg  # noqa: F401  (registers the MLSeg decoders)
@@ -102,14 +118,19 @@ def build_model(c: ml_collections.ConfigDict) -> Segmenter:
   if c.dtype not in DTYPES:
     raise ValueError(f"model.dtype={c.dtype!r} is not one of {sorted(DTYPES)}")
   if c.attention_impl not in (None, "xla", "cudnn"):
-    raise ValueError(f"model.attention_impl={c.attention_impl!r} is not one of None (XLA "
-                     "picks), 'xla', 'cudnn' (GPUs, with dtype bfloat16 or float16)")
+    raise ValueError(f"model.attention_impl={c.attention_impl!r} is not one of None (cuDNN "
+                     "on NVIDIA GPUs in bf16/fp16, else XLA), 'xla', 'cudnn' (GPUs, with "
+                     "dtype bfloat16 or float16)")
   if c.attention_impl == "cudnn" and c.dtype not in ("bfloat16", "float16"):
     raise ValueError(f"model.attention_impl='cudnn' needs model.dtype bfloat16 or float16, "
                      f"not {c.dtype!r}: cuDNN's fused attention has no float32 kernel")
   if c.remat_policy not in REMAT_POLICIES:
     raise ValueError(f"model.remat_policy={c.remat_policy!r} is not one of "
                      f"{sorted(REMAT_POLICIES)}")
+  impl = resolve_attention_impl(c.attention_impl, c.dtype)
+  if impl != c.attention_impl:
+    c = c.copy_and_resolve_references()
+    c.attention_impl = impl
   dtype = DTYPES[c.dtype]
   backbone = ViT(
       variant=c.backbone, width_override=c.backbone_width,
