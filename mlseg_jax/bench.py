@@ -24,6 +24,11 @@ ways: with XLA's own count of the compiled program (it includes remat recomputat
 elementwise work) and with `model_flops`, the analytic matmul count of the model (the usual
 "model FLOPs" definition: no recomputation, 3x the forward for a training step).
 
+`--profile DIR` adds a jax.profiler trace of a few more training steps and a table of the
+busiest operations. `--plan` does none of the above: it traces one training step on the
+host and prints its memory by parts (parameters, optimizer state, and the activations each
+remat policy keeps), for planning a GPU's batch on a laptop.
+
 Output: a table on stdout and, with --json, every number in a JSON file.
 """
 
