@@ -41,8 +41,10 @@ def test_image_resize_is_bilinear_with_half_pixel_centres(shape):
   expected = np.einsum("oh,hwc,pw->opc", mh, image.astype(np.float64), mw)
   out = T.resize_image(image, out_h, out_w)
   assert out.dtype == np.uint8
-  assert np.abs(out - np.floor(expected + 0.5)).max() <= 1  # float32 vs float64 rounding.
-  assert (out == np.floor(expected + 0.5)).mean() > 0.99
+  # OpenCV (what mmcv calls) rounds its weights to 11 bits: within 1 level everywhere, off
+  # by one on ~10 % of the pixels.
+  assert np.abs(out - np.floor(expected + 0.5)).max() <= 1
+  assert (out == np.floor(expected + 0.5)).mean() > 0.8
   window = (3, out_h - 2, 5, out_w - 1)
   np.testing.assert_array_equal(T.resize_image(image, out_h, out_w, window=window),
                                 out[3:out_h - 2, 5:out_w - 1])
@@ -122,13 +124,14 @@ def test_hsv_matches_the_colour_model():
     eh, es, ev = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
     assert v == max(r, g, b) and abs(int(s) - es * 255) <= 0.5 + 1e-9
     assert min(abs(int(h) - eh * 180), 180 - abs(int(h) - eh * 180)) <= 1  # Rounded tables.
-  # HSV -> RGB: the colour model in float64, times 255 and truncated as OpenCV's 8-bit path;
-  # float32 can land on the other side of an integer.
+  # HSV -> RGB: the colour model in float64, times 255 and truncated as OpenCV's vectorised
+  # 8-bit path; float32 can land on the other side of an integer, and the last few pixels
+  # of a row take OpenCV's scalar path, which rounds.
   hsv = np.random.default_rng(1).integers(0, [180, 256, 256], (500, 3)).astype(np.uint8)
   expected = [np.floor(np.array(colorsys.hsv_to_rgb(h / 180, s / 255, v / 255)) * 255 + 1e-9)
               for h, s, v in hsv.astype(int)]
   diff = np.abs(T.hsv_to_rgb(hsv).astype(int) - np.array(expected))
-  assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+  assert diff.max() <= 1 and (diff == 0).mean() > 0.95
   grey = np.full((2, 2, 3), 77, np.uint8)
   np.testing.assert_array_equal(T.hsv_to_rgb(T.rgb_to_hsv(grey)), grey)
 
