@@ -325,7 +325,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
     data_iter = prefetcher = DevicePrefetch(data_iter, to_device, config.train.prefetch)
     checkpointable_iter = prefetcher if checkpointable_iter is not None else None
-    to_device = None
+  else:
+    data_iter = map(to_device, data_iter)  # Lazy: each batch read when the loop asks.
 
   mngr = checkpoint_manager(workdir, config)
   if mngr.latest_step() is not None:
@@ -351,7 +352,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     with _sigterm_raises():
       step = first
       while step < total and (stop_after is None or step - first < stop_after):
-        batch = next(data_iter) if to_device is None else to_device(next(data_iter))
+        batch = next(data_iter)
         state, metrics = step_fn(state, batch)
         step += 1
         logged = progress.update(step, metrics)

@@ -499,8 +499,9 @@ class MLSegOracleHead(nn.Module):
   """"+GT": the label set is the ground truth's, k varies per image.
 
   Static shapes: the masks cover all n_cls classes; class tokens outside the set are
-  hidden from attention (as keys, by a key length after the present ones), so the present ones compute what the reference's gather
-  of the present tokens computes, and the absent ones are overwritten with -100.
+  hidden from attention (as keys, by a key length after the present ones), so the present
+  ones compute what the reference's gather of the present tokens computes, and the absent
+  ones are overwritten with -100.
   """
   num_classes: int
   d_model: int = 768
