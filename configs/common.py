@@ -77,6 +77,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.async_checkpoints = True
   config.train.eval_every = 16_000
+  # The periodic evaluation's number that picks the checkpoint kept as the best, besides
+  # the last keep_checkpoints (higher is better; "" keeps none).
+  config.train.best_metric = "mIoU"
 
   config.init_from = ""  # Directory of a converted checkpoint (mlseg_jax.convert).
   config.reference_miou = ml_collections.ConfigDict()

@@ -8,7 +8,6 @@ there, so a backbone-only AugReg conversion is refused here).
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any, Sequence
 
@@ -22,6 +21,7 @@ from mlseg_jax import data as data_lib
 from mlseg_jax import distributed
 from mlseg_jax import evaluate as evaluate_lib
 from mlseg_jax import metrics as metrics_lib
+from mlseg_jax import preemption
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax.models.segmenter import build_model
 from mlseg_jax.models.vit import VARIANTS
@@ -45,7 +45,11 @@ def make_logits_fn(model, params):
       keep["image_logits"] = out["image_logits"]
     return keep
 
-  return lambda windows: forward(params, windows)
+  def logits_fn(windows):
+    preemption.check_interrupted()  # A signal ends an evaluation between two calls.
+    return forward(params, windows)
+
+  return logits_fn
 
 
 class _FirstN(Sequence):
@@ -100,7 +104,11 @@ def evaluate_oracle(config, params, mesh, records, dataset):
     label = np.asarray(record["label"])
     present = np.zeros(n, bool)
     present[np.unique(label[label >= 0])] = True
-    fn = functools.partial(forward, params, present=jnp.asarray(present))
+    present = jnp.asarray(present)
+
+    def fn(windows, present=present):
+      preemption.check_interrupted()
+      return forward(params, windows, present)
     for batch in evaluate_lib.segment(fn, [record], settings, num_classes=n, mesh=mesh,
                                       data_axis=sharding_lib.BATCH_AXES, images_per_batch=1,
                                       windows_per_call=s["windows_per_call"]):
@@ -154,12 +162,12 @@ def load_params_for_eval(config, workdir, mesh):
                                           config.mesh.min_fsdp_size)
   if workdir and (epath.Path(workdir) / "checkpoints").exists():
     mngr = train_lib.checkpoint_manager(workdir, config)
-    step = mngr.latest_step()
-    if step is not None:
+    if mngr.latest_step() is not None:
       tx, _ = optim_lib.make_optimizer(config.optim, abstract, config.train.total_steps)
       state, state_shardings = train_lib.abstract_train_state(config, model, tx, mesh)
-      restored = train_lib.restore_checkpoint(mngr, state, state_shardings)
-      return restored.params, f"{mngr.directory}/{step}"
+      restored, step = train_lib.restore_latest(mngr, state, state_shardings)
+      if restored is not None:
+        return restored.params, f"{mngr.directory}/{step}"
   if config.init_from:
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

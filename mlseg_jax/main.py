@@ -78,6 +78,14 @@ def validate_config(config, num_devices: int | None = None) -> None:
                       f"{n_data} classes")
   if t.total_steps <= 0:
     problems.append(f"train.total_steps={t.total_steps} must be positive")
+  for name in ("checkpoint_every", "eval_every", "log_every", "keep_checkpoints"):
+    if t[name] <= 0:
+      problems.append(f"train.{name}={t[name]} must be positive")
+  from mlseg_jax.train import BEST_METRICS
+
+  if t.best_metric and t.best_metric not in BEST_METRICS:
+    problems.append(f"train.best_metric={t.best_metric!r} is not one of {list(BEST_METRICS)} "
+                    "(or \"\" for none)")
   if any(s > c for s, c in zip(config.eval.stride, d.crop_size)):
     problems.append(f"eval.stride={tuple(config.eval.stride)} is larger than the window "
                     f"data.crop_size={tuple(d.crop_size)}: pixels would be skipped")
@@ -98,30 +106,50 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from mlseg_jax import distributed
+  from mlseg_jax import preemption
 
   distributed.initialize()
+  if _MODE.value == "train":
+    # From here on SIGTERM / Ctrl-C stop training at a step boundary with a checkpoint.
+    preemption.install()
+    try:
+      _train(_checked_config())
+    except preemption.Preempted as stop:
+      logging.warning("%s", stop)
+      preemption.exit(preemption.EXIT_CODE)
+    logging.info("done")
+    preemption.exit(0)
+  _evaluate_or_predict(_checked_config())
+  logging.info("done")
+
+
+def _checked_config():
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required")
   validate_config(config)
-  workdir = _WORKDIR.value
-  if _MODE.value in ("train", "eval") and not workdir:
+  if _MODE.value in ("train", "eval") and not _WORKDIR.value:
     raise app.UsageError("--workdir is required for train and eval")
+  return config
 
+
+def _train(config):
+  from mlseg_jax import evaluation_runner
+  from mlseg_jax import train
+
+  evaluate_fn = evaluation_runner.periodic_eval_fn(config, _WORKDIR.value)
+  train.train(config, _WORKDIR.value, evaluate_fn=evaluate_fn)
+
+
+def _evaluate_or_predict(config):
   from mlseg_jax import evaluation_runner
 
-  if _MODE.value == "train":
-    from mlseg_jax import train
-
-    evaluate_fn = evaluation_runner.periodic_eval_fn(config, workdir)
-    state, _ = train.train(config, workdir, evaluate_fn=evaluate_fn)
-  elif _MODE.value == "eval":
-    evaluation_runner.evaluate_checkpoint(config, workdir)
+  if _MODE.value == "eval":
+    evaluation_runner.evaluate_checkpoint(config, _WORKDIR.value)
   else:
     if not _IMAGES.value or not _OUTPUT.value:
       raise app.UsageError("--mode predict needs --images and --output")
-    evaluation_runner.predict(config, workdir, _IMAGES.value, _OUTPUT.value)
-  logging.info("done")
+    evaluation_runner.predict(config, _WORKDIR.value, _IMAGES.value, _OUTPUT.value)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from absl import flags
+from absl import logging
 import grain
 import jax
 import ml_collections
@@ -202,12 +203,23 @@ class DevicePrefetch:
     except BaseException as e:  # noqa: BLE001  (StopIteration included: handed over)
       put(_Raised(e))
 
-  def close(self):
-    """Stops the thread; batches read ahead are dropped (the state does not count them)."""
-    if self._thread is not None:
-      self._stop.set()
-      self._thread.join()
-      self._thread = None
+  def close(self, timeout: float | None = None) -> bool:
+    """Stops the thread; batches read ahead are dropped (the state does not count them).
+
+    With a `timeout`, waits at most that long for a read in progress (a stalled network
+    file system) and returns False if the thread is still in it; it is a daemon thread
+    and ends with the process.
+    """
+    if self._thread is None:
+      return True
+    self._stop.set()
+    self._thread.join(timeout)
+    stopped = not self._thread.is_alive()
+    if not stopped:
+      logging.warning("the device-prefetch thread is still reading after %.0f s; leaving "
+                      "it behind", timeout)
+    self._thread = None
+    return stopped
 
   # Grain's checkpoint handler saves `get_state()` bytes of iterators that are not its
   # own DatasetIterator, restores with `set_state(bytes)`, then calls `start_prefetch()`.
