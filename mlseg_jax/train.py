@@ -210,13 +210,39 @@ def save_checkpoint(mngr, state, data_iter=None, *, force=False):
 
 
 def restore_checkpoint(mngr, state, shardings, data_iter=None, step=None):
-  """Restores onto `shardings`, whatever mesh wrote the checkpoint."""
+  """Restores onto `shardings`, whatever mesh and number of processes wrote it."""
   step = mngr.latest_step() if step is None else step
   items = {"state": ocp.args.StandardRestore(_with_shardings(state, shardings))}
+  data_state = None
   if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    data_state = _data_state_from_other_process_count(epath.Path(mngr.directory) / str(step))
+    if data_state is None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  if data_state is not None:
+    data_iter.set_state(data_state)
   return restored["state"]
+
+
+def _data_state_from_other_process_count(step_dir: epath.Path):
+  """The input position saved by a run with another number of processes, or None.
+
+  Grain writes one file per process (process_P-of-N.json). Every process of the training
+  stream stands at the same batch index (it reads positions p, p + N, ... of one global
+  stream, and batch i of all processes together is global batch i whatever N is), so any
+  process count can continue from that index.
+  """
+  name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  data_dir = step_dir / "data"
+  if not data_dir.exists() or (data_dir / name).exists():
+    return None
+  saved = sorted(data_dir.glob("process_*-of-*.json"))
+  states = {f.read_text() for f in saved}
+  if len(states) != 1:
+    raise ValueError(f"{data_dir}: the input position was saved by {len(saved)} processes "
+                     f"at different positions; it cannot continue on "
+                     f"{jax.process_count()} processes")
+  return json.loads(states.pop())
 
 
 def restore_latest(mngr, state, shardings, data_iter=None):
