@@ -19,6 +19,7 @@ coverage both ways: every source tensor is used (or explicitly dropped), every t
 parameter filled, every shape equal; anything else is one error listing every offending key.
 
 torch is imported only to read or write `.pth` files; tensors are read through `.numpy()`.
+Files and directories may be local or `gs://` (read and written through etils.epath).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -584,27 +586,30 @@ def read_checkpoint(path, *, trust_pickle: bool = False) -> dict:
   `.pth` files load with torch's `weights_only=True` unless `trust_pickle`: some mmengine
   checkpoints keep Python objects in their `meta` and need it, for files you trust.
   """
+  file = epath.Path(path)
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not file.is_file():
     raise FileNotFoundError(f"no checkpoint file {path}")
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as f:
+    with file.open("rb") as stream, np.load(stream, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
   if path.endswith(".safetensors"):
     import safetensors.numpy
 
+    data = file.read_bytes()
     try:
-      return _unwrap_state_dict(safetensors.numpy.load_file(path), path)
+      return _unwrap_state_dict(safetensors.numpy.load(data), path)
     except (TypeError, ValueError):  # bfloat16 and friends: numpy has no such dtype.
       import safetensors.torch
 
-      return _unwrap_state_dict(safetensors.torch.load_file(path), path)
+      return _unwrap_state_dict(safetensors.torch.load(data), path)
   import pickle
 
   import torch
 
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    with file.open("rb") as stream:
+      obj = torch.load(stream, map_location="cpu", weights_only=not trust_pickle)
   except pickle.UnpicklingError as e:
     raise ConversionError(f"{path}: torch.load(weights_only=True) refused it ({e}). If you "
                           "trust the file, pass --trust_pickle") from e
@@ -706,9 +711,10 @@ def convert_to_orbax(fmt: str, path, model_config, output, *, trust_pickle: bool
                      overwrite: bool = False) -> list[str]:
   """`convert_checkpoint` and `pretrained.save_params`; returns the not-filled paths."""
   from mlseg_jax import pretrained
+  from mlseg_jax.train import absolute_workdir  # A local path made absolute, a URL kept.
 
   params, not_filled = convert_checkpoint(fmt, path, model_config, trust_pickle=trust_pickle)
-  source = {"format": fmt, "file": os.path.abspath(os.fspath(path)),
+  source = {"format": fmt, "file": os.fspath(absolute_workdir(path)),
             "backbone_only": set(params) == {"backbone"}, "not_filled": not_filled}
   pretrained.save_params(output, params, source=source, model_config=model_config,
                          overwrite=overwrite)
@@ -724,6 +730,7 @@ def export_torch(directory, output, model_config=None) -> dict:
   import torch
 
   from mlseg_jax import pretrained
+  from mlseg_jax.train import absolute_workdir  # A local path made absolute, a URL kept.
 
   info = pretrained.load_info(directory)
   if model_config is None:
@@ -733,11 +740,12 @@ def export_torch(directory, output, model_config=None) -> dict:
   params = pretrained.load_params(directory)
   backbone_only = set(params) == {"backbone"}
   state = params_to_torch(params, export_rules(model_config, backbone_only))
-  meta = {"mlseg_jax": {"from": os.path.abspath(os.fspath(directory)),
+  meta = {"mlseg_jax": {"from": os.fspath(absolute_workdir(directory)),
                         "names": "reference backbone" if backbone_only else "reference",
                         "model": json.dumps(model_config.to_dict(), default=str)}}
-  torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v))
-                             for k, v in state.items()}, "meta": meta}, os.fspath(output))
+  with epath.Path(output).open("wb") as f:
+    torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v))
+                               for k, v in state.items()}, "meta": meta}, f)
   return state
 
 
@@ -772,7 +780,7 @@ def main(argv) -> None:
   if f.to == "torch":
     if f.format:
       raise app.UsageError("--to torch reads our own Orbax checkpoint: drop --format")
-    if os.path.exists(f.output) and not f.overwrite:
+    if epath.Path(f.output).exists() and not f.overwrite:
       raise app.UsageError(f"{f.output} exists; pass --overwrite to replace it")
     state = export_torch(f.input, f.output, model_config)
     print(f"wrote {len(state)} tensors in the reference's names to {f.output}")

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import os
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 _LOW_BITS = 31
@@ -185,9 +186,11 @@ def _json_safe(x):
   return x
 
 
-def write_results(results: dict[str, Any], directory: str | Path, name: str = "eval") -> Path:
-  """Writes `name`.json (fractions, null where undefined) and `name`.txt (the table)."""
-  directory = Path(directory)
+def write_results(results: dict[str, Any], directory: str | os.PathLike,
+                  name: str = "eval") -> epath.Path:
+  """Writes `name`.json (fractions, null where undefined) and `name`.txt (the table), in a
+  local directory or a `gs://` one."""
+  directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   path = directory / f"{name}.json"
   path.write_text(json.dumps(_json_safe(results), indent=2) + "\n")

@@ -7,17 +7,19 @@ size, into the output directory:
   <stem>_classes.json  for MLSeg models: the classes the model selected (the union of the
                        windows' top-k) with their image logits and sigmoid scores, best first.
 Prediction is the evaluation's: keep-ratio resize to the test scale, sliding windows,
-optionally multi-scale + flip (see `evaluate.py`).
+optionally multi-scale + flip (see `evaluate.py`). Inputs and output may be local or `gs://`.
 """
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
+import os
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from mlseg_jax import evaluate as ev
@@ -25,12 +27,12 @@ from mlseg_jax import evaluate as ev
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def find_images(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+def find_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[epath.Path]:
   """Image files named by `paths`: files as given, directories' images sorted by name."""
-  if isinstance(paths, (str, Path)):
+  if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
   found = []
-  for p in map(Path, paths):
+  for p in map(epath.Path, paths):
     if p.is_dir():
       found += sorted(f for f in p.iterdir()
                       if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
@@ -47,7 +49,7 @@ class _ImageFiles:
   """Random-access records {"image", "name"} read from image files on demand; a record read
   stays until `release(i)`, so the pictures are drawn without decoding the file again."""
 
-  def __init__(self, files: Sequence[Path]):
+  def __init__(self, files: Sequence[epath.Path]):
     self.files = list(files)
     self._held: dict[int, dict[str, Any]] = {}
 
@@ -65,14 +67,14 @@ class _ImageFiles:
   def _read(self, i: int) -> dict[str, Any]:
     path = self.files[i]
     try:
-      with Image.open(path) as im:
+      with Image.open(io.BytesIO(path.read_bytes())) as im:
         image = np.asarray(im.convert("RGB"), np.uint8)
     except OSError as e:
       raise ValueError(f"{path}: cannot read the image ({e})") from e
     return {"image": image, "name": str(path)}
 
 
-def _output_stems(files: Sequence[Path]) -> list[str]:
+def _output_stems(files: Sequence[epath.Path]) -> list[str]:
   """File stems, made unique where two inputs share one (a.jpg, a.png -> a_jpg, a_png)."""
   stems = [f.stem for f in files]
   counts = {s: stems.count(s) for s in stems}
@@ -99,7 +101,8 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def predict_images(logits_fn: Callable[[jax.Array], Any],
-                   paths: str | Path | Sequence[str | Path], output_dir: str | Path, *,
+                   paths: str | os.PathLike | Sequence[str | os.PathLike],
+                   output_dir: str | os.PathLike, *,
                    mean: Sequence[float], std: Sequence[float],
                    palette: Sequence[Sequence[int]], class_names: Sequence[str],
                    test_scale: Sequence[int], crop: Sequence[int], stride: Sequence[int],
@@ -126,7 +129,7 @@ def predict_images(logits_fn: Callable[[jax.Array], Any],
     raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
   files = find_images(paths)
   stems = _output_stems(files)
-  output_dir = Path(output_dir)
+  output_dir = epath.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   settings = ev.EvalSettings(mean=mean, std=std, test_scale=test_scale, crop=crop,
                              stride=stride, ratios=ratios, flip=flip, patch_size=patch_size,
@@ -144,14 +147,20 @@ def predict_images(logits_fn: Callable[[jax.Array], Any],
       out = {"image": str(files[result.index]),
              "mask": str(output_dir / f"{stem}_mask.png"),
              "overlay": str(output_dir / f"{stem}_overlay.png")}
-      Image.fromarray(mask).save(out["mask"])
-      Image.fromarray(overlay(image, mask, alpha)).save(out["overlay"])
+      _write_png(out["mask"], mask)
+      _write_png(out["overlay"], overlay(image, mask, alpha))
       if result.image_scores is not None:
         out["classes"] = str(output_dir / f"{stem}_classes.json")
-        Path(out["classes"]).write_text(json.dumps(
+        epath.Path(out["classes"]).write_text(json.dumps(
             _selected_classes(result, class_names, topk, out["image"]), indent=2) + "\n")
       written.append(out)
   return written
+
+
+def _write_png(path: str | os.PathLike, pixels: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="PNG")
+  epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def _selected_classes(result: ev.ImageResult, class_names: Sequence[str], topk: int | None,

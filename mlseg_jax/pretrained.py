@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+from etils import epath
 
 from mlseg_jax.convert import ConversionError, _resize_pos_embed_np, flatten, unflatten
 
@@ -30,9 +29,11 @@ PARAMS_DIR = "params"
 INFO_FILE = "conversion.json"
 
 
-def _params_dir(directory) -> Path:
+def _params_dir(directory) -> epath.Path:
   """Ours (DIR/params), a training step (DIR/state, a TrainState) or a bare Orbax tree."""
-  directory = Path(directory).absolute()
+  from mlseg_jax.train import absolute_workdir  # Orbax wants absolute paths; URLs are.
+
+  directory = absolute_workdir(directory)
   for sub in (PARAMS_DIR, "state"):
     if (directory / sub / "_METADATA").is_file():
       return directory / sub
@@ -43,13 +44,17 @@ def _params_dir(directory) -> Path:
 
 
 def save_params(directory, params: Mapping[str, Any], *, source: Optional[Mapping] = None,
-                model_config=None, overwrite: bool = False) -> Path:
-  """Writes `params` (a nested dict of arrays) and the JSON note to `directory`."""
-  directory = Path(directory).absolute()
+                model_config=None, overwrite: bool = False) -> epath.Path:
+  """Writes `params` (a nested dict of arrays) and the JSON note to `directory` (local or
+  `gs://`)."""
+  from mlseg_jax.train import absolute_workdir
+
+  directory = absolute_workdir(directory)
   if directory.exists() and any(directory.iterdir()):
     if not overwrite:
       raise FileExistsError(f"{directory} exists and is not empty (overwrite=True replaces it)")
-    shutil.rmtree(directory / PARAMS_DIR, ignore_errors=True)
+    if (directory / PARAMS_DIR).exists():
+      (directory / PARAMS_DIR).rmtree()
   directory.mkdir(parents=True, exist_ok=True)
   import orbax.checkpoint as ocp
 
@@ -66,7 +71,7 @@ def save_params(directory, params: Mapping[str, Any], *, source: Optional[Mappin
 
 def load_info(directory) -> dict:
   """The JSON note next to a checkpoint ({} when there is none)."""
-  path = Path(directory) / INFO_FILE
+  path = epath.Path(directory) / INFO_FILE
   return json.loads(path.read_text()) if path.is_file() else {}
 
 

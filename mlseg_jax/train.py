@@ -406,9 +406,9 @@ class Progress:
     self.writer = None
     self.bar = None
     if is_main:
-      from tensorboardX import SummaryWriter
+      from mlseg_jax.tensorboard import open_summary_writer
 
-      self.writer = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
+      self.writer = open_summary_writer(epath.Path(workdir) / "tensorboard")
       if sys.stderr.isatty():
         from tqdm import tqdm
 
