@@ -600,7 +600,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     step = first
 
     def is_eval_step(s):
-      return evaluate_fn is not None and (s % t.eval_every == 0 or s == total)
+      return evaluate_fn is not None and s > 0 and (s % t.eval_every == 0 or s == total)
 
     def evaluate(s):
       logging.info("evaluating step %d", s)
