@@ -53,8 +53,8 @@ failed=()
 bench() {  # name, then bench arguments
   local name=$1
   shift
-  echo "=== $name: python -m mlseg_jax.bench $*" | tee -a "$log"
-  if "$python" -m mlseg_jax.bench "$@" --json "$out/$name.json" 2>&1 | tee -a "$log" \
+  echo "=== $name: python -m benchmarks.bench $*" | tee -a "$log"
+  if "$python" -m benchmarks.bench "$@" --json "$out/$name.json" 2>&1 | tee -a "$log" \
       > "$out/$name.stdout"; then
     grep -v '^[IWE][0-9]\{4\} ' "$out/$name.stdout" > "$out/$name.txt" || true
   else

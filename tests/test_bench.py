@@ -1,5 +1,6 @@
-"""The benchmark: its FLOP and MFU arithmetic against hand counts, the batch sweep, XLA's
-analyses on every backend shape, and one end-to-end run of the command on the CPU."""
+"""benchmarks/: the FLOP and MFU arithmetic against hand counts, the batch sweep, XLA's
+analyses on every backend shape, the memory plan, and one end-to-end run of the command on
+the CPU."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO, tiny_model_config
-from mlseg_jax import bench
+from benchmarks import bench, flops, measure, memory_plan
 
 
 def tiny_config(decoder="linear", crop=(32, 48), **model):
@@ -35,17 +36,17 @@ def test_mfu_of_one_dense_layer_against_a_hand_count():
   assert train_flops == 3072
   # 3072 FLOPs in 1 us = 3.072e9 FLOP/s = 0.003072 TFLOP/s; against a 0.01 TFLOP/s peak
   # that is 30.72 %; the same work on 2 devices is half of that per device.
-  assert bench.achieved_tflops(train_flops, 1e-6) == pytest.approx(0.003072)
-  assert bench.mfu(train_flops, 1e-6, 0.01) == pytest.approx(0.3072)
-  assert bench.mfu(train_flops, 1e-6, 0.01, num_devices=2) == pytest.approx(0.1536)
+  assert flops.achieved_tflops(train_flops, 1e-6) == pytest.approx(0.003072)
+  assert flops.mfu(train_flops, 1e-6, 0.01) == pytest.approx(0.3072)
+  assert flops.mfu(train_flops, 1e-6, 0.01, num_devices=2) == pytest.approx(0.1536)
   with pytest.raises(ValueError, match="peak_tflops"):
-    bench.mfu(train_flops, 1e-6, 0.0)
+    flops.mfu(train_flops, 1e-6, 0.0)
   with pytest.raises(ValueError, match="seconds"):
-    bench.achieved_tflops(train_flops, 0.0)
+    flops.achieved_tflops(train_flops, 0.0)
 
   # XLA's own count of that layer, through the same helper the benchmark uses.
   compiled = jax.jit(lambda x, w: x @ w).lower(jnp.ones((4, 8)), jnp.ones((8, 16))).compile()
-  assert bench.xla_flops(compiled) == 1024
+  assert measure.xla_flops(compiled) == 1024
 
 
 def _block(n, d, f):
@@ -71,14 +72,14 @@ def test_model_flops_of_a_tiny_vit_with_a_linear_decoder_against_a_hand_count():
   upsample = 2 * 32 * 2 * (3 * 5) + 2 * 48 * 3 * (32 * 5)
   forward = patch_embedding + blocks + head + upsample
   assert forward == 2_043_008
-  assert bench.flop_breakdown(config) == {
+  assert flops.flop_breakdown(config) == {
       "patch_embedding": patch_embedding, "vit_blocks": blocks, "decoder": head,
       "masks": 0, "upsample": upsample}
-  assert bench.model_flops(config, 2) == 3 * 2 * forward
-  assert bench.model_flops(config, 2, train=False) == 2 * forward
+  assert flops.model_flops(config, 2) == 3 * 2 * forward
+  assert flops.model_flops(config, 2, train=False) == 2 * forward
 
   # MFU of a 2-image step taking 1 ms against a 1 TFLOP/s peak.
-  assert bench.mfu(bench.model_flops(config, 2), 1e-3, 1.0) == pytest.approx(
+  assert flops.mfu(flops.model_flops(config, 2), 1e-3, 1.0) == pytest.approx(
       6 * 2_043_008 / 1e-3 / 1e12)
 
 
@@ -87,7 +88,7 @@ def test_model_flops_of_the_mask_transformer_and_mlseg_heads_against_hand_counts
   # Mask transformer, d_model 32, 1 block, d_ff 64: 6 patches + 5 class tokens.
   config = tiny_config("mask_transformer", crop=(32, 48), d_model=32, n_heads=4, d_ff=64,
                        n_layers=1)
-  b = bench.flop_breakdown(config)
+  b = flops.flop_breakdown(config)
   assert b["patch_embedding"] + b["vit_blocks"] == vit
   assert b["decoder"] == 2 * 6 * 64 * 32 + _block(6 + 5, 32, 64)
   assert b["masks"] == 2 * 6 * 32 * 32 + 2 * 5 * 32 * 32 + 2 * 6 * 5 * 32
@@ -95,7 +96,7 @@ def test_model_flops_of_the_mask_transformer_and_mlseg_heads_against_hand_counts
   # MLSeg, 2 blocks (block 0 = multi-label branch over a 1x1 pooled token), top-2 of 5.
   config = tiny_config("mlseg", crop=(32, 48), d_model=32, n_heads=4, d_ff=64, n_layers=2,
                        topk=2, downsample=1)
-  b = bench.flop_breakdown(config)
+  b = flops.flop_breakdown(config)
   proj_dec = 2 * 6 * 64 * 32 + 2 * 1 * 64 * 32  # patch tokens, then the pooled token
   block0 = _block(1 + 5, 32, 64)
   group_wise_linear = 2 * 5 * 32
@@ -104,18 +105,18 @@ def test_model_flops_of_the_mask_transformer_and_mlseg_heads_against_hand_counts
   assert b["masks"] == 2 * 6 * 32 * 32 + 2 * 2 * 32 * 32 + 2 * 6 * 2 * 32
   # Training upsamples the k = 2 rank slots the loss reads; evaluation all 5 classes.
   assert b["upsample"] == 2 * 2 * (32 * 2 * 3 + 32 * 48 * 3)
-  assert bench.flop_breakdown(config, train=False)["upsample"] == 2 * 5 * (32 * 2 * 3
-                                                                            + 32 * 48 * 3)
+  assert flops.flop_breakdown(config, train=False)["upsample"] == 2 * 5 * (32 * 2 * 3
+                                                                             + 32 * 48 * 3)
   # downsample = 0: block 0 sees every patch token, no pooled projection.
   config.model.downsample = 0
-  b0 = bench.flop_breakdown(config)
+  b0 = flops.flop_breakdown(config)
   assert b0["decoder"] == 2 * 6 * 64 * 32 + _block(6 + 5, 32, 64) + group_wise_linear \
       + segmentation
 
 
 def test_model_flops_counts_oce_class_tokens_from_their_start_layer():
   config = tiny_config("mask_transformer", crop=(32, 48), oce=True, oce_start_layer=1)
-  b = bench.flop_breakdown(config)
+  b = flops.flop_breakdown(config)
   assert b["vit_blocks"] == _block(7, 64, 256) + _block(7 + 5, 64, 256)
 
 
@@ -127,9 +128,9 @@ def test_the_analytic_count_is_the_matmul_part_of_xlas_count():
   model = build_model(config.model)
   images = jnp.zeros((2, 32, 48, 3))
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))["params"]
-  forward = bench.make_eval_forward(model, (32, 48), with_labels=False)
-  xla = bench.xla_flops(forward.lower(params, images, None).compile())
-  analytic = bench.model_flops(config, 2, train=False)
+  forward = measure.make_eval_forward(model, (32, 48), with_labels=False)
+  xla = measure.xla_flops(forward.lower(params, images, None).compile())
+  analytic = flops.model_flops(config, 2, train=False)
   assert 0.75 * xla < analytic <= xla
 
 
@@ -144,24 +145,24 @@ def test_largest_fitting_batch_doubles_until_oom_then_bisects():
     calls.append(b)
     return b <= 40
 
-  largest, tried = bench.largest_fitting_batch(fits, 4, 1024, granularity=4)
+  largest, tried = measure.largest_fitting_batch(fits, 4, 1024, granularity=4)
   assert largest == 40
   assert calls[:5] == [4, 8, 16, 32, 64]  # doubling
   assert calls[5:] == [48, 40, 44]  # bisecting 32..64 down to a gap of 32 / 8
   assert tried == {4: True, 8: True, 16: True, 32: True, 64: False, 48: False, 40: True,
                    44: False}
-  assert bench.largest_fitting_batch(lambda b: False, 8, 64) == (None, {8: False})
-  assert bench.largest_fitting_batch(lambda b: True, 8, 20)[0] == 16  # capped by the limit
+  assert measure.largest_fitting_batch(lambda b: False, 8, 64) == (None, {8: False})
+  assert measure.largest_fitting_batch(lambda b: True, 8, 20)[0] == 16  # capped by the limit
   with pytest.raises(ValueError, match="multiple of 8"):
-    bench.largest_fitting_batch(fits, 4, 64, granularity=8)
+    measure.largest_fitting_batch(fits, 4, 64, granularity=8)
 
 
 def test_out_of_memory_is_told_from_other_errors():
   oom = jax.errors.JaxRuntimeError(
       "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 26.00GiB.")
-  assert bench.is_out_of_memory(oom)
-  assert not bench.is_out_of_memory(jax.errors.JaxRuntimeError("INVALID_ARGUMENT: shapes"))
-  assert not bench.is_out_of_memory(ValueError("batch 7 is not divisible by 8"))
+  assert measure.is_out_of_memory(oom)
+  assert not measure.is_out_of_memory(jax.errors.JaxRuntimeError("INVALID_ARGUMENT: shapes"))
+  assert not measure.is_out_of_memory(ValueError("batch 7 is not divisible by 8"))
 
 
 class _Compiled:
@@ -188,24 +189,24 @@ class _Memory:
 
 
 def test_xla_analyses_take_dicts_lists_and_none():
-  assert bench.xla_flops(_Compiled({"flops": 12.0})) == 12.0
-  assert bench.xla_flops(_Compiled([{"flops": 12.0}, {"flops": 3.0}])) == 15.0
-  assert bench.xla_flops(_Compiled([{}])) is None
-  assert bench.xla_flops(_Compiled(None)) is None
-  assert bench.xla_flops(_Compiled({"flops": -1.0})) is None
-  assert bench.xla_flops(_Compiled(raises=True)) is None
-  mem = bench.xla_memory(_Compiled(memory=_Memory()))
+  assert measure.xla_flops(_Compiled({"flops": 12.0})) == 12.0
+  assert measure.xla_flops(_Compiled([{"flops": 12.0}, {"flops": 3.0}])) == 15.0
+  assert measure.xla_flops(_Compiled([{}])) is None
+  assert measure.xla_flops(_Compiled(None)) is None
+  assert measure.xla_flops(_Compiled({"flops": -1.0})) is None
+  assert measure.xla_flops(_Compiled(raises=True)) is None
+  mem = measure.xla_memory(_Compiled(memory=_Memory()))
   assert mem == {"argument": 100, "output": 60, "alias": 50, "temp": 30,
                  "generated_code": 7, "total": 100 + 60 - 50 + 30}
-  assert bench.xla_memory(_Compiled(memory=[_Memory()]))["total"] == 140
-  assert bench.xla_memory(_Compiled(memory=None)) is None
-  assert bench.xla_memory(_Compiled(raises=True)) is None
+  assert measure.xla_memory(_Compiled(memory=[_Memory()]))["total"] == 140
+  assert measure.xla_memory(_Compiled(memory=None)) is None
+  assert measure.xla_memory(_Compiled(raises=True)) is None
 
 
 def test_command_line_spellings():
   argv = ["bench", "--sweep-batch", "--no-torch", "--eval-batch=4", "--notorch",
           "--config.model.remat=True", "--config", "configs/quickstart.py"]
-  assert bench._normalise_argv(argv) == [
+  assert bench.normalise_argv(argv) == [
       "bench", "--sweep_batch", "--notorch", "--eval_batch=4", "--notorch",
       "--config.model.remat=True", "--config", "configs/quickstart.py"]
 
@@ -227,7 +228,7 @@ def test_the_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
   out = tmp_path / "bench.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  cmd = [sys.executable, "-m", "mlseg_jax.bench", "--config", "configs/quickstart.py",
+  cmd = [sys.executable, "-m", "benchmarks.bench", "--config", "configs/quickstart.py",
          "--batch", "2", "--steps", "2", "--warmup", "1", "--eval-images", "1",
          "--matmul_size", "128", "--copy_mib", "4", "--json", str(out),
          "--profile", str(tmp_path / "profile")] + TINY_OVERRIDES
@@ -251,10 +252,10 @@ def test_the_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
       assert key in res, (phase, key)
     assert res["timing"]["n"] == 2 and res["batch"] == 2
     assert res["images_per_s_per_device"] == pytest.approx(res["images_per_s"] / 2)
-  assert r["train"]["analytic_flops"] == bench.model_flops(_cli_config(), 2)
+  assert r["train"]["analytic_flops"] == flops.model_flops(_cli_config(), 2)
   assert "loop_step_s" in r["train"] and "loss" in r["train"]
   prof = r["train"]["profile"]
-  assert prof["steps"] == bench.PROFILE_STEPS and prof["scope"] == "host"
+  assert prof["steps"] == measure.PROFILE_STEPS and prof["scope"] == "host"
   assert prof["top"] and prof["top"][0]["ms_per_step"] > 0
   assert list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
   assert "device_peak_bytes" in r["train"]  # None where the backend keeps no allocator stats
@@ -296,12 +297,12 @@ def _cli_config():
 
 
 def test_aval_bytes_reads_jaxs_short_spelling():
-  assert bench._aval_bytes("bf16[8,1025,768]") == 8 * 1025 * 768 * 2
-  assert bench._aval_bytes("f32[2,3]") == 24
-  assert bench._aval_bytes("bool[4,4]") == 16
-  assert bench._aval_bytes("i32[]") == 4
+  assert memory_plan.aval_bytes("bf16[8,1025,768]") == 8 * 1025 * 768 * 2
+  assert memory_plan.aval_bytes("f32[2,3]") == 24
+  assert memory_plan.aval_bytes("bool[4,4]") == 16
+  assert memory_plan.aval_bytes("i32[]") == 4
   with pytest.raises(ValueError, match="cannot size"):
-    bench._aval_bytes("token[]")
+    memory_plan.aval_bytes("token[]")
 
 
 def test_saved_activations_by_hand_for_a_tiny_vit():
@@ -310,9 +311,9 @@ def test_saved_activations_by_hand_for_a_tiny_vit():
   # block, N = 1 + 2 x 3 patches (32 x 48 crop).
   config = tiny_config("linear", backbone_depth=2, dropout=0.0, drop_path_rate=0.0,
                        remat=True, remat_policy="nothing_saveable")
-  full = bench.saved_activation_bytes(config, 2)
+  full = memory_plan.saved_activation_bytes(config, 2)
   config.model.remat = False
-  none = bench.saved_activation_bytes(config, 2)
+  none = memory_plan.saved_activation_bytes(config, 2)
   block_inputs = 2 * (2 * 7 * 64 * 4)  # depth x (B x N x D float32)
   assert full >= block_inputs
   assert none > full + 2 * (2 * 7 * 256 * 4)  # at least the fc1 outputs come on top
@@ -337,7 +338,7 @@ def test_remat_policies_keep_less_and_compute_the_same_gradients():
       return compute_losses(out, labels, config.model)[0]
 
     grads[name] = jax.jit(jax.grad(loss))(params)
-    saved[name] = bench.saved_activation_bytes(config, 2)
+    saved[name] = memory_plan.saved_activation_bytes(config, 2)
   assert saved["none"] > saved["dots"] > saved["full"]
   for name in ("dots", "full"):
     for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[name])):
@@ -375,7 +376,7 @@ def test_decoder_attention_with_dropout_keeps_no_quadratic_tensor():
 def test_the_memory_plan_command(tmp_path):
   out = tmp_path / "plan.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "mlseg_jax.bench", "--config", "configs/quickstart.py",
+  cmd = [sys.executable, "-m", "benchmarks.bench", "--config", "configs/quickstart.py",
          "--batch", "4", "--plan", "--json", str(out)] + TINY_OVERRIDES
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -394,3 +395,28 @@ def test_the_memory_plan_command(tmp_path):
   assert plan["params_bytes"] == sum(x.size * 4 for x in jax.tree.leaves(params))
   # AdamW: mu and nu, plus step counters.
   assert 2 * plan["params_bytes"] <= plan["opt_state_bytes"] < 2 * plan["params_bytes"] + 64
+
+
+def test_the_flash_attention_standin_traces_cudnn_calls_and_restores_jax_nn():
+  real = jax.nn.dot_product_attention
+  q = jnp.ones((2, 5, 2, 8), jnp.bfloat16)  # (B, T, heads, Dh)
+  with memory_plan.flash_attention_standin():
+    assert jax.nn.dot_product_attention is not real
+    out = jax.eval_shape(lambda q: jax.nn.dot_product_attention(q, q, q,
+                                                                implementation="cudnn"), q)
+    assert out.shape == q.shape
+  assert jax.nn.dot_product_attention is real
+  with pytest.raises(RuntimeError, match="inside"):
+    with memory_plan.flash_attention_standin():
+      raise RuntimeError("inside")
+  assert jax.nn.dot_product_attention is real
+
+
+def test_importing_the_benchmark_starts_no_jax_backend():
+  # The torch peer runs before JAX takes the accelerator: no module of the command may
+  # start a backend when imported. An unknown platform fails at the first backend start.
+  env = dict(os.environ, JAX_PLATFORMS="no_such_platform")
+  code = "import benchmarks.bench, jax; print(jax.__version__)"
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
