@@ -98,13 +98,25 @@ class _QuietLibraries:
 
   def filter(self, record):
     return record.levelno >= 30 or not any(
-        f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "etils"))
+        f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "etils", "gcsfs"))
+
+
+def _no_stale_listings():
+  """gcsfs caches directory listings forever by default: a process would not see the
+  checkpoints, evaluations or event files other processes (or TensorStore) wrote since it
+  last looked. Every process of a run reads what the others write, so never cache them."""
+  try:
+    import fsspec
+  except ImportError:
+    return
+  fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _no_stale_listings()
   from mlseg_jax import distributed
   from mlseg_jax import preemption
 

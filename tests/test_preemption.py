@@ -337,8 +337,10 @@ def test_two_processes_stop_at_one_step_with_one_complete_checkpoint(tmp_path, w
       procs[1].proc.send_signal(signal.SIGTERM)
     else:
       procs[0].proc.send_signal(signal.SIGTERM)
-      assert procs[0].wait_for(r"step 5/"), procs[0].output[-3000:]
-      procs[1].proc.send_signal(signal.SIGINT)
+      # The next step (unless the agreement was quicker), then the other process.
+      procs[0].wait_for(r"step [4-9]/|stopped at step")
+      if procs[1].proc.poll() is None:
+        procs[1].proc.send_signal(signal.SIGINT)
     rcs = [p.wait(120) for p in procs]
   finally:
     for p in procs:
