@@ -26,7 +26,7 @@ from mlseg_jax import IGNORE_LABEL
 from mlseg_jax import evaluate as evaluate_lib
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax import train as train_lib
-from mlseg_jax.models.segmenter import upsample_logits
+from mlseg_jax.resize import upsample_logits
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from jax.ad_checkpoint import print_saved_residuals
 from benchmarks.measure import with_batch
 from mlseg_jax import optimizer as optim_lib
 from mlseg_jax import train as train_lib
-from mlseg_jax.losses import compute_losses
+from mlseg_jax.models.decoders import compute_losses
 from mlseg_jax.models.segmenter import build_model
 from mlseg_jax.models.vit import REMAT_POLICIES
 

@@ -33,16 +33,15 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from etils import epath
 
+from mlseg_jax.param_tree import ConversionError, flatten, resize_pos_embed_np, unflatten
+from mlseg_jax.paths import absolute_path
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
   torch_key: str
   path: tuple[str, ...]
   kind: str = "same"  # "same", "dense", "conv", "conv1x1", "pos_embed"
-
-
-class ConversionError(ValueError):
-  pass
 
 
 def _dense(torch_key, path):
@@ -264,43 +263,6 @@ def _to_numpy(value) -> np.ndarray:
   return np.asarray(value)
 
 
-def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out
-
-
-def _resize_pos_embed_np(value: np.ndarray, target_shape: Sequence[int],
-                         grid: Optional[Sequence[int]] = None) -> np.ndarray:
-  """(1, 1 + n, D) -> target_shape. The stored grid must be square (every released ViT's
-  is); the new one is `grid` when given, else the square that fits target_shape."""
-  from mlseg_jax.models.vit import resize_pos_embed  # Deferred: pulls in flax.
-
-  if value.ndim != 3 or len(target_shape) != 3 or value.shape[2] != target_shape[2]:
-    raise ConversionError(f"pos_embed {value.shape} cannot become {tuple(target_shape)}")
-  old_n, new_n = value.shape[1] - 1, target_shape[1] - 1
-  old_g = int(round(old_n ** 0.5))
-  new_grid = tuple(grid) if grid is not None else (int(round(new_n ** 0.5)),) * 2
-  if old_g * old_g != old_n or new_grid[0] * new_grid[1] != new_n:
-    raise ConversionError(f"pos_embed {value.shape} -> {tuple(target_shape)}: only square "
-                          "grids can be resized without knowing the grid")
-  return np.asarray(resize_pos_embed(value.astype(np.float32), new_grid, (old_g, old_g)))
-
-
 def _to_ours(kind: str, value: np.ndarray, target_shape,
              pos_grid: Optional[Sequence[int]] = None) -> np.ndarray:
   if kind == "dense":
@@ -312,7 +274,7 @@ def _to_ours(kind: str, value: np.ndarray, target_shape,
       return value  # Left as is: the shape check names the key.
     return value[:, :, 0, 0].T
   if kind == "pos_embed" and target_shape is not None and value.shape != tuple(target_shape):
-    return _resize_pos_embed_np(value, target_shape, pos_grid)
+    return resize_pos_embed_np(value, target_shape, pos_grid)
   return value
 
 
@@ -711,10 +673,9 @@ def convert_to_orbax(fmt: str, path, model_config, output, *, trust_pickle: bool
                      overwrite: bool = False) -> list[str]:
   """`convert_checkpoint` and `pretrained.save_params`; returns the not-filled paths."""
   from mlseg_jax import pretrained
-  from mlseg_jax.train import absolute_workdir  # A local path made absolute, a URL kept.
 
   params, not_filled = convert_checkpoint(fmt, path, model_config, trust_pickle=trust_pickle)
-  source = {"format": fmt, "file": os.fspath(absolute_workdir(path)),
+  source = {"format": fmt, "file": os.fspath(absolute_path(path)),
             "backbone_only": set(params) == {"backbone"}, "not_filled": not_filled}
   pretrained.save_params(output, params, source=source, model_config=model_config,
                          overwrite=overwrite)
@@ -730,7 +691,6 @@ def export_torch(directory, output, model_config=None) -> dict:
   import torch
 
   from mlseg_jax import pretrained
-  from mlseg_jax.train import absolute_workdir  # A local path made absolute, a URL kept.
 
   info = pretrained.load_info(directory)
   if model_config is None:
@@ -740,7 +700,7 @@ def export_torch(directory, output, model_config=None) -> dict:
   params = pretrained.load_params(directory)
   backbone_only = set(params) == {"backbone"}
   state = params_to_torch(params, export_rules(model_config, backbone_only))
-  meta = {"mlseg_jax": {"from": os.fspath(absolute_workdir(directory)),
+  meta = {"mlseg_jax": {"from": os.fspath(absolute_path(directory)),
                         "names": "reference backbone" if backbone_only else "reference",
                         "model": json.dumps(model_config.to_dict(), default=str)}}
   with epath.Path(output).open("wb") as f:

@@ -23,12 +23,13 @@ from mlseg_jax import evaluate as evaluate_lib
 from mlseg_jax import metrics as metrics_lib
 from mlseg_jax import preemption
 from mlseg_jax import sharding as sharding_lib
+from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.models.segmenter import build_model
 from mlseg_jax.models.vit import VARIANTS
 
 
 def _check_supported(config):
-  if config.model.decoder == "mlseg_gt":
+  if decoder_spec(config.model).needs_labels:
     raise NotImplementedError(
         "the +GT oracle (model.decoder='mlseg_gt') takes each image's class set from its "
         "labels: predict on unlabelled images is not possible; use --mode eval")
@@ -123,8 +124,9 @@ def evaluate_params(config, params, mesh, *, workdir=None, step=None, name=None)
   """Runs the configured evaluation of `params`; writes JSON + table; returns scalars."""
   dataset = data_lib.get_dataset(config.data, config.eval.split)
   records = _FirstN(dataset, config.eval.max_images)
-  topk = config.model.topk if config.model.decoder.startswith("mlseg") else None
-  if config.model.decoder == "mlseg_gt":
+  spec = decoder_spec(config.model)
+  topk = config.model.topk if spec.selects_topk else None
+  if spec.needs_labels:
     results = evaluate_oracle(config, params, mesh, records, dataset)
   else:
     results = evaluate_lib.evaluate(
@@ -193,7 +195,7 @@ def predict(config, workdir, images, output):
   mesh = sharding_lib.make_mesh(config.mesh)
   params, source = load_params_for_eval(config, workdir, mesh)
   dataset = data_lib.dataset_info(config.data)
-  topk = config.model.topk if config.model.decoder.startswith("mlseg") else None
+  topk = config.model.topk if decoder_spec(config.model).selects_topk else None
   written = predict_lib.predict_images(
       make_logits_fn(build_model(config.model), params), images, output,
       mean=dataset.mean, std=dataset.std, palette=dataset.palette,

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from mlseg_jax import IGNORE_LABEL
+from mlseg_jax.models.mlseg import class_histogram, lookup_classes, rank_labels, rank_of_class
+from mlseg_jax.resize import upsample_logits
 
 REDUCTIONS = ("all_pixels", "valid_pixels")
 
@@ -33,16 +35,12 @@ def segmentation_cross_entropy(logits, labels, *, reduction: str = "all_pixels",
   return nll.sum() / jnp.maximum(valid.sum(), 1)
 
 
-def compute_losses(outputs, labels, model_config):
-  """Total training loss and the scalars to log, for any decoder of `model_config`.
+def segmenter_losses(outputs, labels, model_config):
+  """Segmenter's loss (mask transformer, linear): cross-entropy at label size.
 
   outputs: the Segmenter's dict; labels: (B, H, W) int32 crops.
   """
-  from mlseg_jax.models.segmenter import upsample_logits  # Deferred: pulls in flax.
-
-  if model_config.decoder.startswith("mlseg"):
-    from mlseg_jax.models import mlseg  # Deferred: registers the MLSeg heads.
-    return mlseg.mlseg_losses(outputs, labels, model_config)
+  del model_config
   logits = upsample_logits(outputs["logits"], labels.shape[1:])
   loss = segmentation_cross_entropy(logits, labels)
   return loss, {"loss_seg": loss}
@@ -83,3 +81,66 @@ def asymmetric_loss(logits, targets, *, gamma_neg: float = 4.0, gamma_pos: float
     base = 1.0 - p_pos * t - p_neg * (1.0 - t)
     loss = loss * jnp.where(t > 0, _focusing(base, gamma_pos), _focusing(base, gamma_neg))
   return -loss.sum() / x.shape[0] / x.shape[1]
+
+
+# ---------------------------------------------------------------------------------------
+# MLSeg's losses and the extras the reference logs.
+
+
+def mlseg_losses(outputs, labels, model_config):
+  """Total loss and logged scalars of an MLSeg head. labels: (B, H, W) int32 crops.
+
+  Image loss: weight x (BCE-with-logits, mean | AsymmetricLoss) on the multi-hot of the
+  crop's classes. Segmentation loss: cross-entropy over the k rank slots (labels of
+  unselected classes ignored), averaged as mmseg 0.17 does. +GT has only the latter.
+  Metrics, per image then averaged over the batch (the reference's value with one image
+  per device, averaged over devices): acc_seg (its `acc_seg`, % of all pixels, ignored
+  ones counted wrong), pixel_recall (`acc_pix`: share of labelled pixels whose class is
+  selected), image_recall (`acc_img`: share of present classes selected) and
+  image_accuracy (`acc_img_accuracy`: share of selected classes present). Images without
+  labelled pixels score 1 on both recalls, as the reference does.
+  """
+  c = model_config
+  n_cls = c.num_classes
+  if labels.ndim != 3:
+    raise ValueError(f"labels must be (B, H, W), got {labels.shape}")
+  hist = class_histogram(labels, n_cls)  # (B, n_cls)
+  present = hist > 0
+  size = labels.shape[1:]
+  metrics = {}
+  if "label_set" in outputs:  # +GT: classes outside the set take no part in the softmax.
+    selected = outputs["label_set"]
+    logits = upsample_logits(outputs["logits"], size)
+    logits = jnp.where(selected[:, None, None, :], logits, -1e9)
+    targets = jnp.where(lookup_classes(selected, labels, n_cls, False), labels, IGNORE_LABEL)
+    total = jnp.zeros((), jnp.float32)
+  else:
+    topk_index = outputs["topk_index"]
+    selected = rank_of_class(topk_index, n_cls) >= 0
+    logits = upsample_logits(outputs["rank_logits"], size)
+    targets = rank_labels(labels, topk_index, n_cls)
+    multi_hot = present.astype(jnp.float32)
+    if c.img_loss == "bce":
+      loss_img = binary_cross_entropy_with_logits(outputs["image_logits"], multi_hot)
+    elif c.img_loss == "asl":
+      loss_img = asymmetric_loss(outputs["image_logits"], multi_hot,
+                                        gamma_neg=c.gamma_neg, gamma_pos=c.gamma_pos)
+    else:
+      raise ValueError(f"model.img_loss={c.img_loss!r} is not 'bce' or 'asl'")
+    total = c.img_loss_weight * loss_img
+    metrics["loss_img"] = total
+  loss_seg = segmentation_cross_entropy(logits, targets)
+  metrics["loss_seg"] = loss_seg
+
+  b = labels.shape[0]
+  correct = (jnp.argmax(logits, -1) == targets) & (targets != IGNORE_LABEL)
+  metrics["acc_seg"] = 100.0 * correct.reshape(b, -1).mean(-1).mean()
+  hits = present & selected
+  labelled = hist.sum(-1)
+  metrics["pixel_recall"] = jnp.where(
+      labelled > 0, jnp.where(selected, hist, 0).sum(-1) / jnp.maximum(labelled, 1), 1.0).mean()
+  n_present = present.sum(-1)
+  metrics["image_recall"] = jnp.where(
+      n_present > 0, hits.sum(-1) / jnp.maximum(n_present, 1), 1.0).mean()
+  metrics["image_accuracy"] = (hits.sum(-1) / selected.sum(-1)).mean()
+  return total + loss_seg, metrics

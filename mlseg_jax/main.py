@@ -36,6 +36,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
   """Refuses inconsistent values with a message naming the fields."""
   import jax
 
+  from mlseg_jax.models.decoders import decoder_spec
   from mlseg_jax.models.vit import VARIANTS
 
   problems = []
@@ -47,8 +48,13 @@ def validate_config(config, num_devices: int | None = None) -> None:
     for name, size in (("data.crop_size", d.crop_size), ("model.img_size", m.img_size)):
       if any(s % patch for s in size):
         problems.append(f"{name}={tuple(size)} is not a multiple of the patch size {patch}")
-  if m.decoder.startswith("mlseg") and m.decoder != "mlseg_gt" and not 0 < m.topk <= m.num_classes:
-    problems.append(f"model.topk={m.topk} must be in [1, model.num_classes={m.num_classes}]")
+  try:
+    spec = decoder_spec(m)
+  except ValueError as e:
+    problems.append(str(e))
+  else:
+    if spec.selects_topk and not 0 < m.topk <= m.num_classes:
+      problems.append(f"model.topk={m.topk} must be in [1, model.num_classes={m.num_classes}]")
   if m.d_model % m.n_heads:
     problems.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
   if m.oce and m.d_model != (m.backbone_width or (VARIANTS.get(m.backbone, (0,))[0])):

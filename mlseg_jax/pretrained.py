@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from mlseg_jax.convert import ConversionError, _resize_pos_embed_np, flatten, unflatten
+from mlseg_jax.param_tree import ConversionError, flatten, resize_pos_embed_np, unflatten
+from mlseg_jax.paths import absolute_path
 
 PARAMS_DIR = "params"
 INFO_FILE = "conversion.json"
@@ -31,9 +32,7 @@ INFO_FILE = "conversion.json"
 
 def _params_dir(directory) -> epath.Path:
   """Ours (DIR/params), a training step (DIR/state, a TrainState) or a bare Orbax tree."""
-  from mlseg_jax.train import absolute_workdir  # Orbax wants absolute paths; URLs are.
-
-  directory = absolute_workdir(directory)
+  directory = absolute_path(directory)
   for sub in (PARAMS_DIR, "state"):
     if (directory / sub / "_METADATA").is_file():
       return directory / sub
@@ -47,9 +46,7 @@ def save_params(directory, params: Mapping[str, Any], *, source: Optional[Mappin
                 model_config=None, overwrite: bool = False) -> epath.Path:
   """Writes `params` (a nested dict of arrays) and the JSON note to `directory` (local or
   `gs://`)."""
-  from mlseg_jax.train import absolute_workdir
-
-  directory = absolute_workdir(directory)
+  directory = absolute_path(directory)
   if directory.exists() and any(directory.iterdir()):
     if not overwrite:
       raise FileExistsError(f"{directory} exists and is not empty (overwrite=True replaces it)")
@@ -159,7 +156,7 @@ def init_from(params: Mapping[str, Any], directory) -> tuple[dict, list[str]]:
     want = tuple(flat[path].shape)
     if tuple(value.shape) != want and path[-1] == "pos_embedding":
       try:
-        value = _resize_pos_embed_np(np.asarray(value), want)
+        value = resize_pos_embed_np(np.asarray(value), want)
       except ConversionError as e:
         problems.append(f"{name}: {e}")
         continue

@@ -103,3 +103,10 @@ def resize_bilinear(x, size, spatial_axes=(-3, -2)):
 def resize_bicubic(x, size, spatial_axes=(-3, -2)):
   """Bicubic resize matching `F.interpolate(mode="bicubic", align_corners=False)`."""
   return _resize(x, size, cubic_matrix, spatial_axes)
+
+
+def upsample_logits(logits, size):
+  """(B, h, w, C) -> (B, *size, C), bilinear, align_corners=False, in float32: mmseg's
+  `resize(mode="bilinear", align_corners=False)`, the padded token grid resized straight
+  to the image size."""
+  return resize_bilinear(logits.astype(jnp.float32), tuple(size))

@@ -36,8 +36,9 @@ from jax.experimental import multihost_utils
 from mlseg_jax import metrics as metrics_lib
 from mlseg_jax import optimizer as optim_lib
 from mlseg_jax import preemption
+from mlseg_jax.paths import absolute_path
 from mlseg_jax import sharding as sharding_lib
-from mlseg_jax.losses import compute_losses
+from mlseg_jax.models.decoders import compute_losses
 from mlseg_jax.models.segmenter import build_model
 
 
@@ -166,12 +167,6 @@ def global_batch(local_batch: dict, mesh) -> dict:
 DAMAGED_DIR = "damaged_checkpoints"  # Checkpoints that did not read back, kept for a look.
 
 
-def absolute_workdir(workdir) -> epath.Path:
-  """Orbax refuses relative paths; `gs://...` and other URLs are absolute already."""
-  workdir = os.fspath(workdir)
-  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
-
-
 class _KeepStep:
   """Orbax preservation policy: keep the step `step_fn()` names (the best one), if any."""
 
@@ -194,7 +189,7 @@ def checkpoint_manager(workdir, config, keep_step: Optional[Callable[[], Optiona
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=config.train.async_checkpoints,
       create=True)
-  return ocp.CheckpointManager(absolute_workdir(workdir) / "checkpoints", options=options)
+  return ocp.CheckpointManager(absolute_path(workdir) / "checkpoints", options=options)
 
 
 def _with_shardings(abstract, shardings):
@@ -550,7 +545,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   from mlseg_jax import distributed
 
-  workdir = absolute_workdir(workdir)
+  workdir = absolute_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = distributed.is_main_process()
   t = config.train

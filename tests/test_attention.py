@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from mlseg_jax.losses import compute_losses
+from mlseg_jax.models.decoders import compute_losses
 from mlseg_jax.models import vit
 from mlseg_jax.models.segmenter import build_model
 

@@ -320,7 +320,7 @@ def test_saved_activations_by_hand_for_a_tiny_vit():
 
 
 def test_remat_policies_keep_less_and_compute_the_same_gradients():
-  from mlseg_jax.losses import compute_losses
+  from mlseg_jax.models.decoders import compute_losses
   from mlseg_jax.models.segmenter import build_model
 
   images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 48, 3))

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_model_config
 from mlseg_jax import IGNORE_LABEL, convert, losses
-from mlseg_jax.models import mlseg, segmenter
+from mlseg_jax.models import decoders, mlseg, segmenter
 
 N_CLS, TOPK = 12, 5
 
@@ -26,13 +26,13 @@ def _config(decoder="mlseg", **kw):
 
 
 def _head(c):
-  return segmenter.DECODERS[c.decoder](c, jnp.float32)
+  return decoders.DECODERS[c.decoder].build(c, jnp.float32)
 
 
 def _forward_and_losses(head, c):
   def run(params, tokens, labels):
     out = head.apply(params, tokens, labels=labels)
-    return out, mlseg.mlseg_losses(out, labels, c)
+    return out, losses.mlseg_losses(out, labels, c)
   return jax.jit(run)
 
 
@@ -99,7 +99,7 @@ def test_class_histogram_counts_classes_and_never_the_ignore_label():
          "rank_logits": jnp.zeros((2, 1, 1, 5))}
   target = np.array([[1, 0, 0, 0, 0, 1], [0] * 6], np.float32)
   bce = np.mean(np.log1p(np.exp(-x)) * target + np.log1p(np.exp(x)) * (1 - target))
-  _, metrics = mlseg.mlseg_losses(out, labels, c)
+  _, metrics = losses.mlseg_losses(out, labels, c)
   np.testing.assert_allclose(metrics["loss_img"], 2.0 * bce, rtol=1e-6)
 
 
@@ -283,7 +283,7 @@ def test_gradients_follow_the_reference_paths():
 
   def parts(p):
     out = head.apply({"params": p}, tokens)
-    metrics = mlseg.mlseg_losses(out, labels, c)[1]
+    metrics = losses.mlseg_losses(out, labels, c)[1]
     return jnp.stack([metrics["loss_seg"], metrics["loss_img"],
                       out["topk_index"].astype(jnp.float32).sum()])
 
@@ -340,7 +340,7 @@ def test_bad_settings_fail_with_a_clear_message():
   head = _head(c)
 
   def losses_of_a_fresh_head():
-    return mlseg.mlseg_losses(head.apply(head.init(key, tokens), tokens), labels, c)
+    return losses.mlseg_losses(head.apply(head.init(key, tokens), tokens), labels, c)
   with pytest.raises(ValueError, match="img_loss='focal'"):
     jax.eval_shape(losses_of_a_fresh_head)
 
@@ -348,7 +348,7 @@ def test_bad_settings_fail_with_a_clear_message():
 @pytest.mark.parametrize("decoder", ["mlseg", "mlseg_trandec", "mlseg_pooling", "mlseg_gt"])
 def test_bfloat16_heads_keep_float32_image_logits_and_losses(decoder):
   c = _config(decoder, dtype="bfloat16")
-  head = segmenter.DECODERS[decoder](c, jnp.bfloat16)
+  head = decoders.DECODERS[decoder].build(c, jnp.bfloat16)
   tokens, labels = _batch(2)
   tokens = tokens.astype(jnp.bfloat16)
   params = _init(head, tokens, labels=labels)
@@ -381,7 +381,7 @@ def test_real_shapes_b16_coco_stuff_head():
   @jax.jit
   def step(p):
     out = head.apply(p, tokens, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
-    return mlseg.mlseg_losses(out, labels, c), out
+    return losses.mlseg_losses(out, labels, c), out
 
   (loss, metrics), out = step(params)
   assert out["rank_logits"].shape == (1, 32, 32, 50)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlseg_jax import convert
-from mlseg_jax.models import mlseg, segmenter
+from mlseg_jax import convert, losses
+from mlseg_jax.models import decoders, mlseg
 from conftest import tiny_model_config
 
 N_CLS, TOPK, D, D_ENC, HEADS, FF = 12, 5, 64, 48, 4, 256
@@ -342,7 +342,7 @@ def _check_selected_path(out, ref, c, labels, ref_losses):
   full = full.permute(0, 2, 3, 1).detach().numpy()
   np.testing.assert_array_equal(np.asarray(out["logits"]) == -100, full == -100)
   assert _rel(out["logits"], full) < 1e-5
-  loss, metrics = mlseg.mlseg_losses(out, jnp.asarray(labels), c)
+  loss, metrics = losses.mlseg_losses(out, jnp.asarray(labels), c)
   for name, value in ref_losses.items():
     np.testing.assert_allclose(metrics[name], float(value), rtol=2e-5, err_msg=name)
   np.testing.assert_allclose(loss, float(ref_losses["loss_img"] + ref_losses["loss_seg"]),
@@ -371,7 +371,7 @@ def test_sine_position_embedding_matches_the_reference_table():
 def test_parity_with_torch_rankseg_head_at_batch_1(downsample, oce):
   twin = _randomised(TwinRankSegHead(downsample, with_cls_emb=not oce))
   c = _config("mlseg", downsample=downsample, oce=oce)
-  head = segmenter.DECODERS["mlseg"](c, jnp.float32)
+  head = decoders.DECODERS["mlseg"].build(c, jnp.float32)
   tokens, labels = _inputs(1)
   class_emb = (np.random.default_rng(2).normal(size=(1, N_CLS, D)).astype(np.float32)
                if oce else None)
@@ -398,7 +398,7 @@ def _reference_asl(gamma_neg, gamma_pos, clip=0.05, eps=1e-5):
 def test_parity_of_training_losses_with_asymmetric_loss():
   twin = _randomised(TwinRankSegHead(8), seed=3)
   c = _config("mlseg", img_loss="asl", gamma_neg=2.0, gamma_pos=0.0, img_loss_weight=5.0)
-  head = segmenter.DECODERS["mlseg"](c, jnp.float32)
+  head = decoders.DECODERS["mlseg"].build(c, jnp.float32)
   tokens, labels = _inputs(4)
   params = _converted(head, twin, convert.mlseg_head_rules(3, prefix="", path=()), tokens)
   out = head.apply({"params": params}, tokens)
@@ -414,7 +414,7 @@ def test_parity_with_torch_ablation_heads_at_batch_1(decoder):
   classifier = decoder.split("_")[1]
   twin = _randomised(TwinDecoderHead(classifier), seed=5)
   c = _config(decoder, downsample=16, img_loss="asl", gamma_neg=0.0, gamma_pos=0.0)
-  head = segmenter.DECODERS[decoder](c, jnp.float32)
+  head = decoders.DECODERS[decoder].build(c, jnp.float32)
   tokens, labels = _inputs(6, grid=(6, 5), crop=(96, 80))
   rules = convert.mlseg_decode_head_rules(c, prefix="", path=())
   params = _converted(head, twin, rules, tokens, dropped=convert.TRANDEC_DROPPED)
@@ -432,7 +432,7 @@ def test_parity_with_torch_gt_head_at_batch_1(classes):
   """Several classes, one class (the reference skips the division), none (class 0)."""
   twin = _randomised(TwinGTHead(), seed=7)
   c = _config("mlseg_gt")
-  head = segmenter.DECODERS["mlseg_gt"](c, jnp.float32)
+  head = decoders.DECODERS["mlseg_gt"].build(c, jnp.float32)
   tokens, labels = _inputs(8, classes=classes or (0,))
   if not classes:
     labels[:] = -1
@@ -448,7 +448,7 @@ def test_parity_with_torch_gt_head_at_batch_1(classes):
   np.testing.assert_array_equal(out["label_set"][0], expected_set)
   full = full.permute(0, 2, 3, 1).numpy()
   assert _rel(out["logits"], full) < 1e-5
-  loss, metrics = mlseg.mlseg_losses(out, jnp.asarray(labels), c)
+  loss, metrics = losses.mlseg_losses(out, jnp.asarray(labels), c)
   np.testing.assert_allclose(loss, float(ref_losses["loss_seg"]), rtol=2e-5, atol=1e-7)
   np.testing.assert_allclose(metrics["acc_seg"], float(ref_losses["acc_seg"]), rtol=1e-5)
   assert "loss_img" not in metrics

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model_config
-from mlseg_jax.losses import compute_losses
-from mlseg_jax.models.segmenter import build_model, default_model_config, upsample_logits
+from mlseg_jax.models.decoders import compute_losses
+from mlseg_jax.models.segmenter import build_model, default_model_config
+from mlseg_jax.resize import upsample_logits
 
 
 def test_logits_at_one_sixteenth_and_upsampled_like_mmseg():

@@ -7,7 +7,8 @@ order, join the patch tokens in the segmentation blocks, and every pixel is clas
 among those k rank slots only. At inference the k mask logits go back to their class
 channels and every other class gets -100.
 
-Decoders registered in `segmenter.DECODERS` (the reference's class in brackets):
+The heads, by the name `model.decoder` gives them in `decoders.py` (the reference's class
+in brackets):
   "mlseg"          MLSegHead [MaskTransformerRankSegHead]: "1 TranEnc Layer". Block 0 runs
                    the class tokens with the 8x8-pooled patch tokens (or with all patch
                    tokens when `downsample` is 0); decoder_norm2 + GroupWiseLinear score
@@ -46,7 +47,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlseg_jax import IGNORE_LABEL
-from mlseg_jax.models import segmenter
 from mlseg_jax.models.mask_transformer import cosine_masks, decoder_blocks, projection_init
 from mlseg_jax.models.vit import trunc_normal
 
@@ -163,7 +163,7 @@ def class_histogram(labels, num_classes: int):
   return jax.vmap(count)(flat)
 
 
-def _lookup(table, labels, num_classes: int, missing):
+def lookup_classes(table, labels, num_classes: int, missing):
   """table[b, labels[b, h, w]] for (B, n_cls) tables; ignore and ids outside [0, n_cls)
   give `missing`."""
   flat = labels.reshape(labels.shape[0], -1)
@@ -177,7 +177,7 @@ def rank_labels(labels, topk_index, num_classes: int):
 
   Pixels of unselected classes, and ignore pixels, become ignore.
   """
-  slot = _lookup(rank_of_class(topk_index, num_classes), labels, num_classes, -1)
+  slot = lookup_classes(rank_of_class(topk_index, num_classes), labels, num_classes, -1)
   return jnp.where(slot >= 0, slot, IGNORE_LABEL)
 
 
@@ -537,105 +537,3 @@ class MLSegOracleHead(nn.Module):
     masks = SelectedLayerNorm(n_cls, name="mask_norm")(masks, label_set)
     logits = jnp.where(label_set[:, None, :], masks, UNSELECTED_LOGIT).astype(self.dtype)
     return {"logits": logits.reshape(b, gh, gw, n_cls), "label_set": label_set}
-
-
-# ---------------------------------------------------------------------------------------
-# Losses and the extras the reference logs.
-
-
-def mlseg_losses(outputs, labels, model_config):
-  """Total loss and logged scalars of an MLSeg head. labels: (B, H, W) int32 crops.
-
-  Image loss: weight x (BCE-with-logits, mean | AsymmetricLoss) on the multi-hot of the
-  crop's classes. Segmentation loss: cross-entropy over the k rank slots (labels of
-  unselected classes ignored), averaged as mmseg 0.17 does. +GT has only the latter.
-  Metrics, per image then averaged over the batch (the reference's value with one image
-  per device, averaged over devices): acc_seg (its `acc_seg`, % of all pixels, ignored
-  ones counted wrong), pixel_recall (`acc_pix`: share of labelled pixels whose class is
-  selected), image_recall (`acc_img`: share of present classes selected) and
-  image_accuracy (`acc_img_accuracy`: share of selected classes present). Images without
-  labelled pixels score 1 on both recalls, as the reference does.
-  """
-  from mlseg_jax import losses  # Deferred: losses.py imports this module lazily too.
-
-  c = model_config
-  n_cls = c.num_classes
-  if labels.ndim != 3:
-    raise ValueError(f"labels must be (B, H, W), got {labels.shape}")
-  hist = class_histogram(labels, n_cls)  # (B, n_cls)
-  present = hist > 0
-  size = labels.shape[1:]
-  metrics = {}
-  if "label_set" in outputs:  # +GT: classes outside the set take no part in the softmax.
-    selected = outputs["label_set"]
-    logits = segmenter.upsample_logits(outputs["logits"], size)
-    logits = jnp.where(selected[:, None, None, :], logits, -1e9)
-    targets = jnp.where(_lookup(selected, labels, n_cls, False), labels, IGNORE_LABEL)
-    total = jnp.zeros((), jnp.float32)
-  else:
-    topk_index = outputs["topk_index"]
-    selected = rank_of_class(topk_index, n_cls) >= 0
-    logits = segmenter.upsample_logits(outputs["rank_logits"], size)
-    targets = rank_labels(labels, topk_index, n_cls)
-    multi_hot = present.astype(jnp.float32)
-    if c.img_loss == "bce":
-      loss_img = losses.binary_cross_entropy_with_logits(outputs["image_logits"], multi_hot)
-    elif c.img_loss == "asl":
-      loss_img = losses.asymmetric_loss(outputs["image_logits"], multi_hot,
-                                        gamma_neg=c.gamma_neg, gamma_pos=c.gamma_pos)
-    else:
-      raise ValueError(f"model.img_loss={c.img_loss!r} is not 'bce' or 'asl'")
-    total = c.img_loss_weight * loss_img
-    metrics["loss_img"] = total
-  loss_seg = losses.segmentation_cross_entropy(logits, targets)
-  metrics["loss_seg"] = loss_seg
-
-  b = labels.shape[0]
-  correct = (jnp.argmax(logits, -1) == targets) & (targets != IGNORE_LABEL)
-  metrics["acc_seg"] = 100.0 * correct.reshape(b, -1).mean(-1).mean()
-  hits = present & selected
-  labelled = hist.sum(-1)
-  metrics["pixel_recall"] = jnp.where(
-      labelled > 0, jnp.where(selected, hist, 0).sum(-1) / jnp.maximum(labelled, 1), 1.0).mean()
-  n_present = present.sum(-1)
-  metrics["image_recall"] = jnp.where(
-      n_present > 0, hits.sum(-1) / jnp.maximum(n_present, 1), 1.0).mean()
-  metrics["image_accuracy"] = (hits.sum(-1) / selected.sum(-1)).mean()
-  return total + loss_seg, metrics
-
-
-# ---------------------------------------------------------------------------------------
-# Registration: every MLSeg variant is a config (model.decoder + the MLSeg fields).
-
-
-def _common(c, dtype):
-  return dict(num_classes=c.num_classes, d_model=c.d_model, n_layers=c.n_layers,
-              n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
-              drop_path_rate=c.decoder_drop_path_rate, dtype=dtype,
-              attention_impl=c.attention_impl)
-
-
-def _mlseg(c, dtype):
-  return MLSegHead(topk=c.topk, downsample=c.downsample, **_common(c, dtype))
-
-
-def _mlseg_trandec(c, dtype):
-  return MLSegAblationHead(classifier="trandec", topk=c.topk, downsample=c.downsample,
-                           **_common(c, dtype))
-
-
-def _mlseg_pooling(c, dtype):
-  return MLSegAblationHead(classifier="pooling", topk=c.topk, downsample=c.downsample,
-                           **_common(c, dtype))
-
-
-def _mlseg_gt(c, dtype):
-  return MLSegOracleHead(**_common(c, dtype))
-
-
-segmenter.DECODERS.update({
-    "mlseg": _mlseg,
-    "mlseg_trandec": _mlseg_trandec,
-    "mlseg_pooling": _mlseg_pooling,
-    "mlseg_gt": _mlseg_gt,
-})

@@ -2,8 +2,7 @@
 
 `Segmenter(images) -> dict` holds "logits" (B, H/16, W/16, n_cls) on the padded token grid,
 plus whatever the head adds (MLSeg: "image_logits", "topk_index", "rank_logits").
-`upsample_logits` brings logits to label size as mmseg's `resize(mode="bilinear",
-align_corners=False)` does: the padded grid is resized straight to the image size.
+The decoder comes from `decoders.py`'s table (`config.model.decoder`).
 """
 
 from __future__ import annotations
@@ -15,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mlseg_jax.models import mask_transformer
+from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.models.vit import REMAT_POLICIES, VARIANTS, ViT
-from mlseg_jax.resize import resize_bilinear
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -32,11 +30,6 @@ class Segmenter(nn.Module):
     return dict(out, tokens=tokens)
 
 
-def upsample_logits(logits, size):
-  """(B, h, w, C) -> (B, *size, C), bilinear, align_corners=False, in float32."""
-  return resize_bilinear(logits.astype(jnp.float32), tuple(size))
-
-
 def default_model_config() -> ml_collections.ConfigDict:
   """Every field a model config may set; configs start from this (unknown keys fail)."""
   c = ml_collections.ConfigDict()
@@ -48,7 +41,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.backbone_heads = ml_collections.config_dict.placeholder(int)
   c.img_size = (512, 512)  # Grid the position embedding is stored for (mmseg img_size).
   c.drop_path_rate = 0.1
-  c.decoder = "mask_transformer"  # See DECODERS.
+  c.decoder = "mask_transformer"  # A name in models/decoders.py.
   c.d_model = 768
   c.n_layers = 2
   c.n_heads = 12
@@ -75,25 +68,6 @@ def default_model_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _mask_transformer(c, dtype):
-  return mask_transformer.MaskTransformer(
-      num_classes=c.num_classes, d_model=c.d_model, n_layers=c.n_layers,
-      n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
-      drop_path_rate=c.decoder_drop_path_rate, dtype=dtype,
-      attention_impl=c.attention_impl)
-
-
-def _linear(c, dtype):
-  return mask_transformer.LinearDecoder(num_classes=c.num_classes, dtype=dtype)
-
-
-# decoder name -> factory(model_config, dtype). The MLSeg heads register in mlseg.py.
-DECODERS = {
-    "mask_transformer": _mask_transformer,
-    "linear": _linear,
-}
-
-
 def resolve_attention_impl(requested: Optional[str], dtype: str) -> str:
   """`model.attention_impl`, with None resolved for the default device: cuDNN's fused
   flash attention on NVIDIA GPUs when computing in bf16/fp16 (it has no float32 kernel),
@@ -109,12 +83,9 @@ def resolve_attention_impl(requested: Optional[str], dtype: str) -> str:
 
 def build_model(c: ml_collections.ConfigDict) -> Segmenter:
   """The Segmenter of a model config (`config.model`)."""
-  from mlseg_jax.models import mlseg  # noqa: F401  (registers the MLSeg decoders)
-
+  spec = decoder_spec(c)
   if c.backbone not in VARIANTS:
     raise ValueError(f"model.backbone={c.backbone!r} is not one of {sorted(VARIANTS)}")
-  if c.decoder not in DECODERS:
-    raise ValueError(f"model.decoder={c.decoder!r} is not one of {sorted(DECODERS)}")
   if c.dtype not in DTYPES:
     raise ValueError(f"model.dtype={c.dtype!r} is not one of {sorted(DTYPES)}")
   if c.attention_impl not in (None, "xla", "cudnn"):
@@ -138,4 +109,4 @@ def build_model(c: ml_collections.ConfigDict) -> Segmenter:
       num_class_tokens=c.num_classes if c.oce else 0,
       class_token_start_layer=c.oce_start_layer, class_token_init=c.oce_init,
       remat=c.remat, remat_policy=c.remat_policy, dtype=dtype, attention_impl=c.attention_impl)
-  return Segmenter(backbone=backbone, decode_head=DECODERS[c.decoder](c, dtype))
+  return Segmenter(backbone=backbone, decode_head=spec.build(c, dtype))

@@ -1,0 +1,79 @@
+"""Every decoder a config can name (`config.model.decoder`), in one table.
+
+A `DecoderSpec` says how its head is built from the model config, which loss trains it, and
+what the rest of the code needs to know about it, so nothing else compares decoder names:
+
+  selects_topk   an MLSeg head that picks each image's k classes: `model.topk` is its k,
+                 evaluation passes it on and reports the multi-label metrics.
+  needs_labels   the +GT oracle, whose class set is the ground truth's at training and at
+                 test: evaluation hands every image's classes to it, prediction on
+                 unlabelled images is impossible.
+
+The reference's class for each name is in `mlseg.py`'s docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import ml_collections
+
+from mlseg_jax import losses
+from mlseg_jax.models import mlseg
+from mlseg_jax.models.mask_transformer import LinearDecoder, MaskTransformer
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+  name: str
+  build: Callable[[ml_collections.ConfigDict, Any], nn.Module]  # (model config, dtype)
+  # (outputs, labels, model config) -> (total loss, scalars to log)
+  loss: Callable[[dict, Any, ml_collections.ConfigDict], tuple]
+  selects_topk: bool = False
+  needs_labels: bool = False
+
+
+def _blocks(c, dtype) -> dict[str, Any]:
+  """What every transformer decoder takes from the model config."""
+  return dict(num_classes=c.num_classes, d_model=c.d_model, n_layers=c.n_layers,
+              n_heads=c.n_heads, d_ff=c.d_ff, dropout=c.dropout,
+              drop_path_rate=c.decoder_drop_path_rate, dtype=dtype,
+              attention_impl=c.attention_impl)
+
+
+DECODERS: dict[str, DecoderSpec] = {spec.name: spec for spec in (
+    DecoderSpec("mask_transformer", lambda c, dtype: MaskTransformer(**_blocks(c, dtype)),
+                losses.segmenter_losses),
+    DecoderSpec("linear", lambda c, dtype: LinearDecoder(num_classes=c.num_classes,
+                                                         dtype=dtype),
+                losses.segmenter_losses),
+    DecoderSpec("mlseg", lambda c, dtype: mlseg.MLSegHead(
+        topk=c.topk, downsample=c.downsample, **_blocks(c, dtype)),
+                losses.mlseg_losses, selects_topk=True),
+    DecoderSpec("mlseg_trandec", lambda c, dtype: mlseg.MLSegAblationHead(
+        classifier="trandec", topk=c.topk, downsample=c.downsample, **_blocks(c, dtype)),
+                losses.mlseg_losses, selects_topk=True),
+    DecoderSpec("mlseg_pooling", lambda c, dtype: mlseg.MLSegAblationHead(
+        classifier="pooling", topk=c.topk, downsample=c.downsample, **_blocks(c, dtype)),
+                losses.mlseg_losses, selects_topk=True),
+    DecoderSpec("mlseg_gt", lambda c, dtype: mlseg.MLSegOracleHead(**_blocks(c, dtype)),
+                losses.mlseg_losses, needs_labels=True),
+)}
+
+
+def decoder_spec(model_config: ml_collections.ConfigDict) -> DecoderSpec:
+  """The spec of `model_config.decoder`, or a ValueError naming the field."""
+  name = model_config.decoder
+  if name not in DECODERS:
+    raise ValueError(f"model.decoder={name!r} is not one of {sorted(DECODERS)}")
+  return DECODERS[name]
+
+
+def compute_losses(outputs, labels, model_config):
+  """Total training loss and the scalars to log, for the decoder of `model_config`.
+
+  outputs: the Segmenter's dict; labels: (B, H, W) int32 crops.
+  """
+  return decoder_spec(model_config).loss(outputs, labels, model_config)
