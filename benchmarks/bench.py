@@ -53,6 +53,7 @@ from mlseg_jax import sharding as sharding_lib
 # mlseg_jax.main defines --config (a locked config file with --config.* overrides): this
 # command reads the same flag.
 from mlseg_jax.main import validate_config
+from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.models.segmenter import resolve_attention_impl
 
 
@@ -130,7 +131,7 @@ def run(config, opts: Options, log: Callable[[str], None] = print) -> dict[str, 
                  "attention_impl": resolve_attention_impl(m.attention_impl, m.dtype),
                  "remat": bool(m.remat),
                  "remat_policy": m.remat_policy if m.remat else None,
-                 "topk": m.topk if m.decoder in flops.SELECTING_DECODERS else None},
+                 "topk": m.topk if decoder_spec(m).selects_topk else None},
       "options": dataclasses.asdict(opts),
       "torch": torch_res,
   }

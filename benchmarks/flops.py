@@ -10,10 +10,10 @@ remat recomputation.
 from __future__ import annotations
 
 from mlseg_jax.models import mlseg
+from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.models.vit import ViT
 
 # The selecting MLSeg heads (their losses read the k rank slots, not the n_cls classes).
-SELECTING_DECODERS = ("mlseg", "mlseg_trandec", "mlseg_pooling")
 
 
 def block_flops(tokens: int, width: int, mlp_dim: int) -> int:
@@ -68,7 +68,7 @@ def flop_breakdown(config, image_size=None, *, train: bool = True) -> dict[str, 
     # Static shapes: every class token runs, the absent ones masked out of attention.
     decoder = 2 * n_patch * width * d + m.n_layers * block_flops(n_patch + n_cls, d, f)
     masks = 2 * n_patch * d * d + 2 * n_cls * d * d + 2 * n_patch * n_cls * d
-  elif m.decoder in SELECTING_DECODERS:
+  elif decoder_spec(m).selects_topk:
     k, s = m.topk, m.downsample
     decoder = 2 * n_patch * width * d  # proj_dec over the patch tokens
     if m.decoder == "mlseg":

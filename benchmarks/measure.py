@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from benchmarks.flops import SELECTING_DECODERS, backbone_dims
+from benchmarks.flops import backbone_dims
 from mlseg_jax import IGNORE_LABEL
 from mlseg_jax import evaluate as evaluate_lib
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax import train as train_lib
+from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.resize import upsample_logits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -362,7 +363,7 @@ def bench_eval_forward(model, params, config, batch: int, mesh, steps: int,
                        warmup: int) -> dict:
   """The jitted single-scale forward over `batch` full-size windows."""
   window = tuple(config.data.crop_size)
-  with_labels = config.model.decoder == "mlseg_gt"  # The oracle head reads the labels.
+  with_labels = decoder_spec(config.model).needs_labels  # +GT reads the labels.
   data = synthetic_batch(config, batch, seed=1)
   sharding = sharding_lib.batch_sharding(mesh)
   windows = jax.device_put(data["image"], sharding)
@@ -381,13 +382,13 @@ def bench_eval_forward(model, params, config, batch: int, mesh, steps: int,
 def bench_sliding_window(model, params, config, windows_per_call: int, num_images: int,
                          reps: int = 2) -> dict:
   """`mlseg_jax.evaluate.evaluate`, single scale, on synthetic images; images/s."""
-  if config.model.decoder == "mlseg_gt":
+  if decoder_spec(config.model).needs_labels:
     return {"skipped": "the +GT head needs each window's labels; the sliding-window "
                        "entry point feeds images only"}
   devices = list(np.asarray(jax.devices()).flat) if jax.process_count() > 1 else None
   mesh = Mesh(np.asarray(devices or jax.local_devices()[:1]), ("data",))
   params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-  mlseg = config.model.decoder in SELECTING_DECODERS
+  mlseg = decoder_spec(config.model).selects_topk
 
   @jax.jit
   def logits_fn(windows):
