@@ -128,8 +128,6 @@ def main(argv):
 
   distributed.initialize()
   if _MODE.value == "train":
-    # From here on SIGTERM / Ctrl-C stop training at a step boundary with a checkpoint.
-    preemption.install()
     try:
       _train(_checked_config())
     except preemption.Preempted as stop:
@@ -137,6 +135,7 @@ def main(argv):
       preemption.exit(preemption.EXIT_CODE)
     logging.info("done")
     preemption.exit(0)
+  preemption.uninstall()
   _evaluate_or_predict(_checked_config())
   logging.info("done")
 
@@ -171,5 +170,11 @@ def _evaluate_or_predict(config):
 
 
 if __name__ == "__main__":
+  # SIGTERM / Ctrl-C stop training at a step boundary with a checkpoint. First thing,
+  # before the config file is read (it imports JAX); main() hands them back for eval and
+  # predict, which have nothing to save.
+  from mlseg_jax import preemption  # noqa: E402
+
+  preemption.install()
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -25,9 +25,11 @@ import threading
 import time
 from typing import Callable
 
-import jax
 from absl import logging
-from jax.experimental import multihost_utils
+
+# JAX is imported where it is used, not here: `install()` runs before anything imports
+# JAX, so that a Ctrl-C while it loads is kept too (raised, it would be swallowed by a JAX
+# garbage-collection callback, and the run would go on).
 
 # sysexits.h EX_TEMPFAIL, "try again later": the run stopped early with a complete
 # checkpoint; rerunning the same command resumes it. Launchers requeue on it.
@@ -36,6 +38,9 @@ EXIT_CODE = 75
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _received: list[str] = []  # Signal names, in order; appended to by the handler only.
 _stopping = threading.Event()  # Set once the loop has decided to stop.
+_forwarded = threading.Event()  # A signal handed on to JAX's notifier.
+_warned = threading.Event()
+_previous: dict = {}  # The handlers install() replaced.
 
 
 class Preempted(Exception):
@@ -70,15 +75,24 @@ def _handler(signum, frame):
     # A second signal while the checkpoint is written must not cut the write short.
     _write_stderr(f"\n{name} received again: still finishing the checkpoint (kill -9 "
                   "stops at once; the previous checkpoint stays intact)\n")
-  if _jax_owns_sigterm() and signum == signal.SIGINT and len(_received) == 1:
-    os.kill(os.getpid(), signal.SIGTERM)  # To JAX's notifier: every process hears of it.
+  if signum == signal.SIGINT and _jax_owns_sigterm():
+    _forward()
+
+
+def _forward():
+  """To JAX's SIGTERM notifier, so that every process hears of it (once)."""
+  if not _forwarded.is_set():
+    _forwarded.set()
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _jax_owns_sigterm() -> bool:
-  from jax._src import distributed  # Where jax.distributed keeps its state.
-
-  return (jax.process_count() > 1
-          and getattr(distributed.global_state, "preemption_sync_manager", None) is not None)
+  """Whether jax.distributed runs here with its preemption sync (and so its SIGTERM
+  handler). Looked up without importing JAX: not imported yet means not started."""
+  distributed = sys.modules.get("jax._src.distributed")  # Where jax.distributed keeps it.
+  state = getattr(distributed, "global_state", None)
+  return (getattr(state, "client", None) is not None
+          and getattr(state, "preemption_sync_manager", None) is not None)
 
 
 _installed = threading.Event()
@@ -88,21 +102,34 @@ def install() -> dict:
   """From now on SIGTERM / SIGINT are recorded for `should_stop` instead of ending the
   process; returns the handlers replaced ({} if there was nothing to do).
 
-  The entry point calls it as early as it can, right after `jax.distributed` starts, and
-  never undoes it: a signal during setup is kept for the first step boundary, and one
-  during the teardown after the last checkpoint changes nothing.
+  The entry point calls it first thing, before JAX is imported, and never undoes it: a
+  signal during start-up is kept for the first step boundary, and one during the teardown
+  after the last checkpoint changes nothing. `jax.distributed.initialize` later takes
+  SIGTERM over (its preemption notifier); signals recorded before are handed on to it.
   """
   if threading.current_thread() is not threading.main_thread() or _installed.is_set():
     return {}  # Signals reach the main thread only; or they are handled already.
   del _received[:]
   _stopping.clear()
+  _forwarded.clear()
   ours = (signal.SIGINT,) if _jax_owns_sigterm() else _SIGNALS
-  if jax.process_count() > 1 and not _jax_owns_sigterm():
-    logging.warning("jax's preemption service is off (jax_enable_preemption_service): a "
-                    "signal reaching one process stops only that one")
   previous = {s: signal.signal(s, _handler) for s in ours}
+  _previous.update(previous)
   _installed.set()
   return previous
+
+
+def uninstall() -> None:
+  """Back to the handlers `install()` replaced; a signal recorded meanwhile is delivered
+  to them now (what it would have done had it come a moment later)."""
+  if not _installed.is_set():
+    return
+  _installed.clear()
+  for s, h in _previous.items():
+    signal.signal(s, h)
+  _previous.clear()
+  if _received:
+    os.kill(os.getpid(), signal.Signals[_received[0]])
 
 
 @contextlib.contextmanager
@@ -116,6 +143,7 @@ def handling_signals():
       _installed.clear()
       for s, h in previous.items():
         signal.signal(s, h)
+      _previous.clear()
 
 
 def requested() -> bool:
@@ -126,7 +154,7 @@ def requested() -> bool:
 def reason() -> str:
   if _received:
     return _received[0]
-  return "preemption notice on another process" if jax.process_count() > 1 else "stop"
+  return "preemption notice on another process" if _jax_owns_sigterm() else "stop"
 
 
 def should_stop(step: int) -> bool:
@@ -136,9 +164,18 @@ def should_stop(step: int) -> bool:
   they agreed to stop at (every process must call this at every step for the agreement;
   calling it twice with the same step is harmless).
   """
+  import jax
+  from jax.experimental import multihost_utils
+
   if _stopping.is_set():
     return True
+  if not _jax_owns_sigterm() and jax.process_count() > 1 and not _warned.is_set():
+    _warned.set()
+    logging.warning("jax's preemption service is off (jax_enable_preemption_service): a "
+                    "signal reaching one process stops only that one")
   if _jax_owns_sigterm():
+    if _received:
+      _forward()  # Came before jax.distributed had its notifier.
     stop = multihost_utils.reached_preemption_sync_point(int(step))
   else:
     stop = requested()
@@ -158,7 +195,7 @@ def check_interrupted() -> None:
   once; on several, every process would have to stop at the same batch, so they run on
   and the training loop stops at the agreed step after them.
   """
-  if jax.process_count() == 1 and requested():
+  if requested() and not _jax_owns_sigterm():
     raise Interrupted(reason())
 
 
@@ -205,7 +242,8 @@ def exit(code: int = EXIT_CODE, timeout: float = 60.0) -> None:
   threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
   sys.stdout.flush()
   sys.stderr.flush()
-  if jax.process_count() > 1:
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.process_count() > 1:
     # Process 0 hosts the coordination service: if it left first, the others would be
     # aborted by their distributed client. Leave together.
     call_with_timeout(jax.distributed.shutdown, timeout / 2, "jax.distributed.shutdown")
