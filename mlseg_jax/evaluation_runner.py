@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from mlseg_jax import checkpoints
 from mlseg_jax import data as data_lib
 from mlseg_jax import distributed
 from mlseg_jax import evaluate as evaluate_lib
@@ -163,11 +164,11 @@ def load_params_for_eval(config, workdir, mesh):
   shardings = sharding_lib.tree_shardings(mesh, abstract, config.mesh.rules,
                                           config.mesh.min_fsdp_size)
   if workdir and (epath.Path(workdir) / "checkpoints").exists():
-    mngr = train_lib.checkpoint_manager(workdir, config)
+    mngr = checkpoints.checkpoint_manager(workdir, config)
     if mngr.latest_step() is not None:
       tx, _ = optim_lib.make_optimizer(config.optim, abstract, config.train.total_steps)
       state, state_shardings = train_lib.abstract_train_state(config, model, tx, mesh)
-      restored, step = train_lib.restore_latest(mngr, state, state_shardings)
+      restored, step = checkpoints.restore_latest(mngr, state, state_shardings)
       if restored is not None:
         return restored.params, f"{mngr.directory}/{step}"
   if config.init_from:

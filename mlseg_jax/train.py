@@ -1,6 +1,7 @@
 """Training: sharded step, reference recipe, Orbax checkpoints, progress and TensorBoard.
 
-Read top to bottom: state, step, checkpointing, the loop. The step is one pure function
+Read top to bottom: state, step, progress, evaluations, the loop (checkpoints are in
+checkpoints.py). The step is one pure function
 jitted with explicit in/out shardings and the state donated; the state is created directly
 in its target sharding (`jax.eval_shape` + jitted init), so nothing ever sits whole on one
 device. Restore order (big_vision's): this workdir's latest checkpoint -> `init_from`
@@ -9,35 +10,28 @@ pretrained weights -> random init.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import json
-import logging as pylogging
 import os
-import re
 import sys
 import time
-import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import flax
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 from mlseg_jax import metrics as metrics_lib
 from mlseg_jax import optimizer as optim_lib
 from mlseg_jax import preemption
-from mlseg_jax.paths import absolute_path
 from mlseg_jax import sharding as sharding_lib
+from mlseg_jax.checkpoints import checkpoint_manager, restore_latest, save_checkpoint
+from mlseg_jax.paths import absolute_path
 from mlseg_jax.models.decoders import compute_losses
 from mlseg_jax.models.segmenter import build_model
 
@@ -159,228 +153,6 @@ def global_batch(local_batch: dict, mesh) -> dict:
 
   return make_global_batch({k: local_batch[k] for k in ("image", "label")},
                            sharding_lib.batch_sharding(mesh))
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints.
-
-DAMAGED_DIR = "damaged_checkpoints"  # Checkpoints that did not read back, kept for a look.
-
-
-class _KeepStep:
-  """Orbax preservation policy: keep the step `step_fn()` names (the best one), if any."""
-
-  def __init__(self, step_fn: Callable[[], Optional[int]]):
-    self.step_fn = step_fn
-
-  def should_preserve(self, checkpoints, *, context):
-    del context
-    keep = self.step_fn()
-    return [info.step == keep for info in checkpoints]
-
-
-def checkpoint_manager(workdir, config, keep_step: Optional[Callable[[], Optional[int]]] = None
-                       ) -> ocp.CheckpointManager:
-  """The last `train.keep_checkpoints` steps, and the step `keep_step()` names besides."""
-  policies = [ocp.checkpoint_managers.LatestN(n=config.train.keep_checkpoints)]
-  if keep_step is not None:
-    policies.append(_KeepStep(keep_step))
-  options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-      enable_async_checkpointing=config.train.async_checkpoints,
-      create=True)
-  return ocp.CheckpointManager(absolute_path(workdir) / "checkpoints", options=options)
-
-
-def _with_shardings(abstract, shardings):
-  return jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def save_checkpoint(mngr, state, data_iter=None, *, force=False):
-  items = {"state": ocp.args.StandardSave(state)}
-  if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-  return mngr.save(int(state.step), args=ocp.args.Composite(**items), force=force)
-
-
-def restore_checkpoint(mngr, state, shardings, data_iter=None, step=None):
-  """Restores onto `shardings`, whatever mesh and number of processes wrote it."""
-  step = mngr.latest_step() if step is None else step
-  items = {"state": ocp.args.StandardRestore(_with_shardings(state, shardings))}
-  data_state = None
-  if data_iter is not None:
-    data_state = _data_state_from_other_process_count(epath.Path(mngr.directory) / str(step))
-    if data_state is None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-  restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  if data_state is not None:
-    data_iter.set_state(data_state)
-  return restored["state"]
-
-
-def _data_state_from_other_process_count(step_dir: epath.Path):
-  """The input position saved by a run with another number of processes, or None.
-
-  Grain writes one file per process (process_P-of-N.json). Every process of the training
-  stream stands at the same batch index (it reads positions p, p + N, ... of one global
-  stream, and batch i of all processes together is global batch i whatever N is), so any
-  process count can continue from that index.
-  """
-  name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-  data_dir = step_dir / "data"
-  if not data_dir.exists() or (data_dir / name).exists():
-    return None
-  saved = sorted(data_dir.glob("process_*-of-*.json"))
-  states = {f.read_text() for f in saved}
-  if len(states) != 1:
-    raise ValueError(f"{data_dir}: the input position was saved by {len(saved)} processes "
-                     f"at different positions; it cannot continue on "
-                     f"{jax.process_count()} processes")
-  return json.loads(states.pop())
-
-
-def restore_latest(mngr, state, shardings, data_iter=None):
-  """(state, step) of the newest checkpoint that reads back on every process, or
-  (None, None) when there is none.
-
-  One that does not read back (truncated files, missing metadata) is reported in one line
-  naming its step and the reason, moved to WORKDIR/damaged_checkpoints/STEP (kept, not
-  deleted), and the one before it is tried.
-  """
-  for step in sorted(mngr.all_steps(), reverse=True):
-    error = None
-    with _tensorstore_teardown_quiet() as quiet:
-      try:
-        metadata = epath.Path(mngr.directory) / str(step) / "state" / "_METADATA"
-        if not metadata.exists():  # Orbax's own error would be about pytree structure.
-          raise FileNotFoundError(f"{metadata} is missing")
-        restored = restore_checkpoint(mngr, state, shardings, data_iter, step=step)
-      except Exception as e:  # noqa: BLE001  (whatever the damage, try the previous step)
-        error = e
-        _drop_abandoned_read_errors()
-        quiet.settle()
-    if not _failed_on_any_process(error is not None):
-      return restored, step
-    reason = _one_line(error) if error is not None else "another process could not read it"
-    aside = _move_aside(mngr, step)
-    logging.error("checkpoint step %d does not read back (%s); moved to %s, trying the "
-                  "previous one", step, reason, aside)
-    mngr.reload()
-  return None, None
-
-
-def _failed_on_any_process(failed: bool) -> bool:
-  if jax.process_count() == 1:
-    return failed
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(failed))))
-
-
-def _one_line(error: BaseException) -> str:
-  """The innermost cause's first line: the file and what was wrong with it."""
-  while error.__cause__ is not None:
-    error = error.__cause__
-  text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-  text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-  return text if len(text) <= 400 else text[:400] + "..."
-
-
-def _move_aside(mngr, step) -> epath.Path:
-  src = epath.Path(mngr.directory) / str(step)
-  dst_root = epath.Path(mngr.directory).parent / DAMAGED_DIR
-  dst = dst_root / str(step)
-  if jax.process_index() == 0:
-    dst_root.mkdir(parents=True, exist_ok=True)
-    n = 1
-    while dst.exists():
-      dst, n = dst_root / f"{step}.{n}", n + 1
-    src.rename(dst)
-  from mlseg_jax import distributed
-
-  distributed.sync(f"damaged_checkpoint_{step}")
-  return dst
-
-
-def _drop_abandoned_read_errors():
-  """From now on, the reads a failed restore abandoned die quietly: each one's coroutine,
-  whenever it is destroyed, would print its own copy of the failure ("Exception ignored
-  in: <coroutine ...>" and a page of TensorStore spec). The failure itself was reported."""
-  previous = sys.unraisablehook
-  if getattr(previous, "_drops_abandoned_reads", False):
-    return
-
-  def hook(unraisable):
-    code = getattr(unraisable.object, "cr_code", None)
-    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
-      return
-    if (isinstance(unraisable.exc_value, RuntimeError)
-        and str(unraisable.exc_value) == "Event loop is closed"):
-      return  # A read completing after its restore gave up, as above.
-    previous(unraisable)
-
-  hook._drops_abandoned_reads = True
-  sys.unraisablehook = hook
-  # The same abandoned reads, seen by the warnings module and by asyncio's logger.
-  warnings.filterwarnings("ignore", message=r"coroutine '_read_array\w*' was never awaited",
-                          category=RuntimeWarning)
-  pylogging.getLogger("asyncio").addFilter(
-      lambda record: "exception was never retrieved" not in record.getMessage())
-
-
-class _TensorstoreTeardownQuiet:
-  """Holds back the "Event loop is closed" tracebacks of a failed Orbax read.
-
-  When one array of a restore fails, Orbax closes its event loop while TensorStore's other
-  reads are still in flight; each then prints a traceback from its completion callback
-  (dozens, minutes of scrolling, none of them the cause). Python's own stderr is held for
-  the attempt, and after a failure until those reads have finished; everything else it
-  received is passed on.
-  """
-
-  _NOISE = re.compile(
-      r"Traceback \(most recent call last\):\n"
-      r"|  File \"[^\"]*asyncio[/\\]base_events\.py\", line \d+, in (call_soon_threadsafe|_check_closed)\n"
-      r"|    self\._check_closed\(\)\n"
-      r"|    raise RuntimeError\('Event loop is closed'\)\n"
-      r"|RuntimeError: Event loop is closed\n")
-
-  def __init__(self):
-    self._chunks = []
-
-  def write(self, text):
-    self._chunks.append(text)
-    return len(text)
-
-  def flush(self):
-    pass
-
-  def settle(self, quiet_s: float = 0.5, max_s: float = 10.0):
-    """Waits until nothing was written for `quiet_s` (at most `max_s`), collecting the
-    abandoned read coroutines meanwhile (each one's exception is "ignored" with a page of
-    TensorStore spec when it is destroyed)."""
-    start = time.monotonic()
-    seen = -1
-    while len(self._chunks) != seen and time.monotonic() - start < max_s:
-      seen = len(self._chunks)
-      time.sleep(quiet_s)
-      gc.collect()
-
-
-  def passed_on(self) -> str:
-    return self._NOISE.sub("", "".join(self._chunks))
-
-
-@contextlib.contextmanager
-def _tensorstore_teardown_quiet():
-  quiet, real = _TensorstoreTeardownQuiet(), sys.stderr
-  sys.stderr = quiet
-  try:
-    yield quiet
-  finally:
-    sys.stderr = real
-    rest = quiet.passed_on()
-    if rest.strip():
-      real.write(rest)
 
 
 # ---------------------------------------------------------------------------------------

@@ -417,6 +417,7 @@ def test_a_training_step_exports_to_reference_names(tmp_path):
   import optax
   import orbax.checkpoint as ocp
 
+  from mlseg_jax import checkpoints
   from mlseg_jax import train
 
   c = tiny_model_config("mlseg", n_layers=3, topk=3, oce=True)
@@ -426,7 +427,7 @@ def test_a_training_step_exports_to_reference_names(tmp_path):
                                  rng=np.zeros(2, np.uint32))
   mngr = ocp.CheckpointManager(tmp_path / "checkpoints",
                                options=ocp.CheckpointManagerOptions(create=True))
-  train.save_checkpoint(mngr, train_state)
+  checkpoints.save_checkpoint(mngr, train_state)
   mngr.wait_until_finished()
   exported = convert.export_torch(tmp_path / "checkpoints" / "7", tmp_path / "trained.pth",
                                   model_config=c)

@@ -26,6 +26,7 @@ import pytest
 from conftest import REPO
 from mlseg_jax import pretrained
 from mlseg_jax import preemption
+from mlseg_jax import checkpoints
 from mlseg_jax import train
 from mlseg_jax.convert import flatten
 from test_train import tiny_train_config
@@ -163,7 +164,7 @@ def test_signals_at_random_moments_always_end_in_a_complete_resumable_checkpoint
     rc = run.wait(EXIT_WITHIN_S)
     out = run.output
     assert rc != preemption.EXIT_CODE or "Traceback" not in out, out[-4000:]
-    assert not (workdir / train.DAMAGED_DIR).exists(), out[-3000:]
+    assert not (workdir / checkpoints.DAMAGED_DIR).exists(), out[-3000:]
     if rc == preemption.EXIT_CODE:
       stop = re.search(r"stopped at step (\d+) \((SIGTERM|SIGINT)\); checkpoint (\S+) is "
                        r"complete", out)
@@ -228,7 +229,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(
   # Nothing else about it: no tracebacks, no echo of the abandoned reads.
   assert "Traceback" not in err and "Event loop is closed" not in err, err[-3000:]
   assert "never awaited" not in err and "never retrieved" not in err, err[-3000:]
-  assert (tmp_path / train.DAMAGED_DIR / "10" / "state").is_dir()  # Kept for a look.
+  assert (tmp_path / checkpoints.DAMAGED_DIR / "10" / "state").is_dir()  # Kept for a look.
   # Resumed from step 5 and retrained to 10: the same parameters as the first time.
   _assert_bitwise_equal(flatten(jax.device_get(state.params)), expected)
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mlseg_jax import sharding as sharding_lib
+from mlseg_jax import checkpoints
 from mlseg_jax import train
 from test_train import random_batches, tiny_train_config
 
@@ -19,8 +20,8 @@ def saved_on_8_devices(tmp_path_factory):
   batches = random_batches(5)
   for _ in range(3):
     state, _ = step_fn(state, train.global_batch(next(batches), mesh))
-  mngr = train.checkpoint_manager(workdir, config)
-  train.save_checkpoint(mngr, state)
+  mngr = checkpoints.checkpoint_manager(workdir, config)
+  checkpoints.save_checkpoint(mngr, state)
   mngr.wait_until_finished()
   return workdir, jax.device_get(state.params), next(batches)
 
@@ -34,8 +35,8 @@ def test_restore_on_another_topology_and_continue(saved_on_8_devices, devices, d
   config.mesh.data, config.mesh.fsdp, config.mesh.min_fsdp_size = data, fsdp, 4096
   mesh = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:devices])
   _, mesh, state, shardings, step_fn = train.setup(config, mesh)
-  mngr = train.checkpoint_manager(workdir, config)
-  restored = train.restore_checkpoint(mngr, state, shardings)
+  mngr = checkpoints.checkpoint_manager(workdir, config)
+  restored = checkpoints.restore_checkpoint(mngr, state, shardings)
   assert int(restored.step) == 3
   kernel = restored.params["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"]
   assert kernel.sharding.mesh.devices.size == devices

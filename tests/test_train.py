@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, tiny_model_config
 from mlseg_jax import sharding as sharding_lib
+from mlseg_jax import checkpoints
 from mlseg_jax import train
 from mlseg_jax.main import validate_config
 
@@ -186,13 +187,13 @@ def test_a_checkpoint_survives_a_process_killed_mid_save(tmp_path):
       import sys
       sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
       from test_train import tiny_train_config, _big_state
-      from mlseg_jax import train
+      from mlseg_jax import checkpoints
       config = tiny_train_config()
       config.train.async_checkpoints = False
-      mngr = train.checkpoint_manager({str(tmp_path / 'wd')!r}, config)
-      train.save_checkpoint(mngr, _big_state(1)); mngr.wait_until_finished()
+      mngr = checkpoints.checkpoint_manager({str(tmp_path / 'wd')!r}, config)
+      checkpoints.save_checkpoint(mngr, _big_state(1)); mngr.wait_until_finished()
       print("SAVING2", flush=True)
-      train.save_checkpoint(mngr, _big_state(2)); mngr.wait_until_finished()
+      checkpoints.save_checkpoint(mngr, _big_state(2)); mngr.wait_until_finished()
       print("SAVED2", flush=True)
       """))
   proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
@@ -205,12 +206,12 @@ def test_a_checkpoint_survives_a_process_killed_mid_save(tmp_path):
       break
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
-  mngr = train.checkpoint_manager(tmp_path / "wd", tiny_train_config())
+  mngr = checkpoints.checkpoint_manager(tmp_path / "wd", tiny_train_config())
   assert mngr.latest_step() == 1, mngr.all_steps()  # Step 2 never completed.
   target = jax.eval_shape(lambda: _big_state(0))
   replicated = sharding_lib.replicated(sharding_lib.make_mesh(tiny_train_config().mesh,
                                                                 devices=jax.devices()[:1]))
-  restored = train.restore_checkpoint(mngr, target,
+  restored = checkpoints.restore_checkpoint(mngr, target,
                                       jax.tree_util.tree_map(lambda _: replicated, target))
   assert int(restored.step) == 1 and float(restored.params["w"][7, 3, 5]) == 1.0
 
@@ -226,7 +227,7 @@ def test_an_interrupted_run_saves_its_progress(tmp_path):
 
   with pytest.raises(RuntimeError, match="disk went away"):
     train.train(config, tmp_path, data_iter=failing_batches())
-  mngr = train.checkpoint_manager(tmp_path, config)
+  mngr = checkpoints.checkpoint_manager(tmp_path, config)
   assert mngr.latest_step() == 3
 
 
