@@ -18,9 +18,8 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from benchmarks.measure import with_batch
 from mlseg_jax import optimizer as optim_lib
-from mlseg_jax import train as train_lib
 from mlseg_jax.models.decoders import compute_losses
-from mlseg_jax.models.segmenter import build_model
+from mlseg_jax.models.segmenter import abstract_params, build_model
 from mlseg_jax.models.vit import REMAT_POLICIES
 
 _SHORT_DTYPE_BYTES = {"bool": 1, "pred": 1}
@@ -103,7 +102,7 @@ def saved_activation_bytes(config, batch: int) -> int:
 
   printed = io.StringIO()
   with flash_attention_standin():
-    params = train_lib.abstract_params(config, model)
+    params = abstract_params(config.model)
     with contextlib.redirect_stdout(printed):
       print_saved_residuals(loss, params)
   total = 0
@@ -124,7 +123,7 @@ def plan(config, batch: int) -> dict[str, Any]:
   optimizer state, and the saved activations without remat and with each remat policy."""
   config = with_batch(config, batch)
   with flash_attention_standin():
-    params = train_lib.abstract_params(config, build_model(config.model))
+    params = abstract_params(config.model)
   tx, _ = optim_lib.make_optimizer(config.optim, params, config.train.total_steps)
   opt_state = jax.eval_shape(tx.init, params)
   result = {"batch": batch, "params_bytes": tree_bytes(params),

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from etils import epath
 
+from mlseg_jax.models.segmenter import abstract_params
 from mlseg_jax.param_tree import ConversionError, flatten, resize_pos_embed_np, unflatten
 from mlseg_jax.paths import absolute_path
 
@@ -603,21 +604,6 @@ def check_num_classes(state_dict: Mapping[str, Any], model_config) -> None:
         if shape[axis] != model_config.num_classes:
           raise ConversionError(f"checkpoint has {shape[axis]} classes ({key}), "
                                 f"config.model.num_classes={model_config.num_classes}")
-
-
-def abstract_params(model_config) -> dict:
-  """The parameter tree of `build_model(model_config)` as ShapeDtypeStructs (no FLOPs)."""
-  import jax
-  import jax.numpy as jnp
-
-  from mlseg_jax.models.segmenter import build_model
-
-  model = build_model(model_config)
-  h, w = model_config.img_size
-  images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
-  labels = jax.ShapeDtypeStruct((1, h, w), jnp.int32)  # Only the +GT head reads them.
-  rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
-  return jax.eval_shape(lambda x, y: model.init(rngs, x, labels=y), images, labels)["params"]
 
 
 def _is_bare_backbone(state_dict: Mapping[str, Any]) -> bool:

@@ -25,7 +25,7 @@ from mlseg_jax import metrics as metrics_lib
 from mlseg_jax import preemption
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax.models.decoders import decoder_spec
-from mlseg_jax.models.segmenter import build_model
+from mlseg_jax.models.segmenter import abstract_params, build_model
 from mlseg_jax.models.vit import VARIANTS
 
 
@@ -160,7 +160,7 @@ def load_params_for_eval(config, workdir, mesh):
   from mlseg_jax import train as train_lib
 
   model = build_model(config.model)
-  abstract = train_lib.abstract_params(config, model)
+  abstract = abstract_params(config.model)
   shardings = sharding_lib.tree_shardings(mesh, abstract, config.mesh.rules,
                                           config.mesh.min_fsdp_size)
   if workdir and (epath.Path(workdir) / "checkpoints").exists():

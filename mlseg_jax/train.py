@@ -33,7 +33,7 @@ from mlseg_jax import sharding as sharding_lib
 from mlseg_jax.checkpoints import checkpoint_manager, restore_latest, save_checkpoint
 from mlseg_jax.paths import absolute_path
 from mlseg_jax.models.decoders import compute_losses
-from mlseg_jax.models.segmenter import build_model
+from mlseg_jax.models.segmenter import abstract_params, build_model
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,13 +80,6 @@ def create_train_state(config, model, tx, mesh):
   _, shardings = abstract_train_state(config, model, tx, mesh)
   init = jax.jit(_init_fn(config, model, tx), out_shardings=shardings)
   return init(jax.random.PRNGKey(config.train.seed)), shardings
-
-
-def abstract_params(config, model):
-  images, labels = sample_inputs(config)
-  return jax.eval_shape(
-      lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
-                         images, labels=labels, train=False))["params"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,7 +282,7 @@ def setup(config, mesh=None):
   """Model, optimizer, mesh, state and jitted step of a config."""
   mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
   model = build_model(config.model)
-  tx, schedule = optim_lib.make_optimizer(config.optim, abstract_params(config, model),
+  tx, schedule = optim_lib.make_optimizer(config.optim, abstract_params(config.model),
                                           config.train.total_steps)
   state, shardings = create_train_state(config, model, tx, mesh)
   step_fn = make_train_step(config, model, tx, schedule, mesh, shardings)

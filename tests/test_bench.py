@@ -388,10 +388,9 @@ def test_the_memory_plan_command(tmp_path):
                       "dots_saveable"}
   assert act["none"] > act["dots_with_no_batch_dims_saveable"] > act["nothing_saveable"] > 0
   config = _cli_config()
-  from mlseg_jax import train as train_lib
-  from mlseg_jax.models.segmenter import build_model
+  from mlseg_jax.models.segmenter import abstract_params
 
-  params = train_lib.abstract_params(config, build_model(config.model))
+  params = abstract_params(config.model)
   assert plan["params_bytes"] == sum(x.size * 4 for x in jax.tree.leaves(params))
   # AdamW: mu and nu, plus step counters.
   assert 2 * plan["params_bytes"] <= plan["opt_state_bytes"] < 2 * plan["params_bytes"] + 64

@@ -110,3 +110,13 @@ def build_model(c: ml_collections.ConfigDict) -> Segmenter:
       class_token_start_layer=c.oce_start_layer, class_token_init=c.oce_init,
       remat=c.remat, remat_policy=c.remat_policy, dtype=dtype, attention_impl=c.attention_impl)
   return Segmenter(backbone=backbone, decode_head=spec.build(c, dtype))
+
+
+def abstract_params(c: ml_collections.ConfigDict) -> dict:
+  """The parameter tree of `build_model(c)` as ShapeDtypeStructs (nothing computed)."""
+  model = build_model(c)
+  h, w = c.img_size
+  images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+  labels = jax.ShapeDtypeStruct((1, h, w), jnp.int32)  # Only the +GT head reads them.
+  rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+  return jax.eval_shape(lambda x, y: model.init(rngs, x, labels=y), images, labels)["params"]
