@@ -17,12 +17,12 @@ part in checkpoint saves (Orbax coordinates them) and `sync(name)` is a named ba
 """
 
 import glob
-import logging
 import os
 import urllib.error
 import urllib.request
 
 import jax
+from absl import logging
 from jax.experimental import multihost_utils
 
 COORDINATOR_ENV = "MLSEG_COORDINATOR"

@@ -74,7 +74,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import logging
 import math
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -82,6 +81,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 

@@ -23,8 +23,7 @@ from etils import epath
 from PIL import Image
 
 from mlseg_jax import evaluate as ev
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from mlseg_jax.data.datasets import IMAGE_SUFFIXES
 
 
 def find_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[epath.Path]:
