@@ -25,9 +25,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 from mlseg_jax import distributed
+from mlseg_jax import metrics as metrics_lib
 from mlseg_jax.paths import absolute_path
 
 
@@ -59,7 +59,8 @@ def checkpoint_manager(workdir, config, keep_step: Optional[Callable[[], Optiona
   return ocp.CheckpointManager(absolute_path(workdir) / "checkpoints", options=options)
 
 
-def _with_shardings(abstract, shardings):
+def with_shardings(abstract, shardings):
+  """Shape-only `abstract` laid out by `shardings`: what a restore fills."""
   return jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
@@ -74,7 +75,7 @@ def save_checkpoint(mngr, state, data_iter=None, *, force=False):
 def restore_checkpoint(mngr, state, shardings, data_iter=None, step=None):
   """Restores onto `shardings`, whatever mesh and number of processes wrote it."""
   step = mngr.latest_step() if step is None else step
-  items = {"state": ocp.args.StandardRestore(_with_shardings(state, shardings))}
+  items = {"state": ocp.args.StandardRestore(with_shardings(state, shardings))}
   data_state = None
   if data_iter is not None:
     data_state = _data_state_from_other_process_count(epath.Path(mngr.directory) / str(step))
@@ -138,9 +139,7 @@ def restore_latest(mngr, state, shardings, data_iter=None):
 
 
 def _failed_on_any_process(failed: bool) -> bool:
-  if jax.process_count() == 1:
-    return failed
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(failed))))
+  return bool(np.any(metrics_lib.process_allgather(np.asarray(failed))))
 
 
 def _one_line(error: BaseException) -> str:

@@ -8,6 +8,7 @@ there, so a backbone-only AugReg conversion is refused here).
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Sequence
 
@@ -47,11 +48,17 @@ def make_logits_fn(model, params):
       keep["image_logits"] = out["image_logits"]
     return keep
 
-  def logits_fn(windows):
-    preemption.check_interrupted()  # A signal ends an evaluation between two calls.
-    return forward(params, windows)
+  return _stops_on_signal(functools.partial(forward, params))
 
-  return logits_fn
+
+def _stops_on_signal(fn):
+  """`fn`, checking before each call whether a signal asks the evaluation to end."""
+
+  def call(windows):
+    preemption.check_interrupted()
+    return fn(windows)
+
+  return call
 
 
 class _FirstN(Sequence):
@@ -106,11 +113,7 @@ def evaluate_oracle(config, params, mesh, records, dataset):
     label = np.asarray(record["label"])
     present = np.zeros(n, bool)
     present[np.unique(label[label >= 0])] = True
-    present = jnp.asarray(present)
-
-    def fn(windows, present=present):
-      preemption.check_interrupted()
-      return forward(params, windows, present)
+    fn = _stops_on_signal(functools.partial(forward, params, present=jnp.asarray(present)))
     for batch in evaluate_lib.segment(fn, [record], settings, num_classes=n, mesh=mesh,
                                       data_axis=sharding_lib.BATCH_AXES, images_per_batch=1,
                                       windows_per_call=s["windows_per_call"]):
@@ -172,8 +175,7 @@ def load_params_for_eval(config, workdir, mesh):
       if restored is not None:
         return restored.params, f"{mngr.directory}/{step}"
   if config.init_from:
-    target = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    target = checkpoints.with_shardings(abstract, shardings)
     return pretrained.load_params(config.init_from, target=target), config.init_from
   raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints and no "
                           "--config.init_from: nothing to evaluate")

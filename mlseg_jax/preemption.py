@@ -40,7 +40,7 @@ _received: list[str] = []  # Signal names, in order; appended to by the handler 
 _stopping = threading.Event()  # Set once the loop has decided to stop.
 _forwarded = threading.Event()  # A signal handed on to JAX's notifier.
 _warned = threading.Event()
-_previous: dict = {}  # The handlers install() replaced.
+_previous: dict = {}  # The handlers install() replaced; empty while not installed.
 
 
 class Preempted(Exception):
@@ -95,55 +95,50 @@ def _jax_owns_sigterm() -> bool:
           and getattr(state, "preemption_sync_manager", None) is not None)
 
 
-_installed = threading.Event()
-
-
-def install() -> dict:
+def install() -> bool:
   """From now on SIGTERM / SIGINT are recorded for `should_stop` instead of ending the
-  process; returns the handlers replaced ({} if there was nothing to do).
+  process; False if there was nothing to do (not the main thread, or installed already).
 
-  The entry point calls it first thing, before JAX is imported, and never undoes it: a
-  signal during start-up is kept for the first step boundary, and one during the teardown
-  after the last checkpoint changes nothing. `jax.distributed.initialize` later takes
-  SIGTERM over (its preemption notifier); signals recorded before are handed on to it.
+  The entry point calls it first thing, before JAX is imported, and for training never
+  undoes it: a signal during start-up is kept for the first step boundary, and one during
+  the teardown after the last checkpoint changes nothing. `jax.distributed.initialize`
+  later takes SIGTERM over (its preemption notifier); signals recorded before are handed
+  on to it.
   """
-  if threading.current_thread() is not threading.main_thread() or _installed.is_set():
-    return {}  # Signals reach the main thread only; or they are handled already.
+  if threading.current_thread() is not threading.main_thread() or _previous:
+    return False  # Signals reach the main thread only; or they are handled already.
   del _received[:]
   _stopping.clear()
   _forwarded.clear()
   ours = (signal.SIGINT,) if _jax_owns_sigterm() else _SIGNALS
-  previous = {s: signal.signal(s, _handler) for s in ours}
-  _previous.update(previous)
-  _installed.set()
-  return previous
+  _previous.update({s: signal.signal(s, _handler) for s in ours})
+  return True
+
+
+def _restore_handlers() -> None:
+  for s, h in _previous.items():
+    signal.signal(s, h)
+  _previous.clear()
 
 
 def uninstall() -> None:
   """Back to the handlers `install()` replaced; a signal recorded meanwhile is delivered
   to them now (what it would have done had it come a moment later)."""
-  if not _installed.is_set():
-    return
-  _installed.clear()
-  for s, h in _previous.items():
-    signal.signal(s, h)
-  _previous.clear()
-  if _received:
-    os.kill(os.getpid(), signal.Signals[_received[0]])
+  if _previous:
+    _restore_handlers()
+    if _received:
+      os.kill(os.getpid(), signal.Signals[_received[0]])
 
 
 @contextlib.contextmanager
 def handling_signals():
   """`install()` for the duration (for `train.train` called from Python); nestable."""
-  previous = install()
+  installed = install()
   try:
     yield
   finally:
-    if previous:
-      _installed.clear()
-      for s, h in previous.items():
-        signal.signal(s, h)
-      _previous.clear()
+    if installed:
+      _restore_handlers()
 
 
 def requested() -> bool:

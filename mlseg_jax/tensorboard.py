@@ -18,11 +18,13 @@ import tempfile
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from mlseg_jax.paths import is_remote
+
 
 def open_summary_writer(directory: str | os.PathLike) -> SummaryWriter:
   """A tensorboardX SummaryWriter (add_scalar, add_image, ..., flush, close) for `directory`."""
   directory = os.fspath(directory)
-  if "://" not in directory:
+  if not is_remote(directory):
     return SummaryWriter(directory)
   return _MirroredSummaryWriter(directory)
 

@@ -26,6 +26,7 @@ import optax
 from absl import logging
 from etils import epath
 
+from mlseg_jax import distributed
 from mlseg_jax import metrics as metrics_lib
 from mlseg_jax import optimizer as optim_lib
 from mlseg_jax import preemption
@@ -233,10 +234,7 @@ class Evaluations:
     self.path, self.metric = workdir / EVALUATIONS_FILE, metric
     data = json.loads(self.path.read_text()) if self.path.exists() else {}
     self.scalars = {int(k): v for k, v in data.get("steps", {}).items()}
-    best = data.get("best") or {}
-    self.best_step = best.get("step") if best.get("metric") == metric else None
-    if metric and self.best_step is None and self.scalars:
-      self._update_best()
+    self._update_best()  # The file's "best" is for readers; the scores decide.
 
   def done(self, step: int) -> bool:
     return step in self.scalars
@@ -267,8 +265,6 @@ class Evaluations:
       data["best"] = {"metric": self.metric, "step": self.best_step,
                       "score": self.score(self.scalars[self.best_step]),
                       "checkpoint": os.fspath(checkpoints / str(self.best_step))}
-    from mlseg_jax import distributed
-
     if distributed.is_main_process():
       self.path.write_text(json.dumps(data, indent=2) + "\n")
     return self.best_step == step and previous != step
@@ -308,8 +304,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   never finished runs it first; one resumed at `total_steps` only finishes what the end of
   training does.
   """
-  from mlseg_jax import distributed
-
   workdir = absolute_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = distributed.is_main_process()

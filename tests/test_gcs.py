@@ -19,6 +19,7 @@ from etils import epath
 
 from conftest import REPO, tiny_model_config
 from gcs_server import gcs_bucket  # noqa: F401  (the fixture)
+from test_convert import _assert_trees_equal
 from mlseg_jax import convert, metrics, predict, pretrained, train
 from mlseg_jax.tensorboard import open_summary_writer
 
@@ -72,14 +73,6 @@ def _reference_checkpoint(model_config, seed=0):
   rules = convert.checkpoint_layout("reference", model_config).rules
   return params, {k: np.ascontiguousarray(v)
                   for k, v in convert.params_to_torch(params, rules).items()}
-
-
-def _assert_trees_equal(a, b):
-  fa, fb = convert.flatten(a), convert.flatten(b)
-  assert sorted(fa) == sorted(fb)
-  for path in fa:
-    np.testing.assert_array_equal(np.asarray(fa[path]), np.asarray(fb[path]),
-                                  err_msg="/".join(path))
 
 
 def _torch_bytes(obj):
