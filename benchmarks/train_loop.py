@@ -58,7 +58,7 @@ def main():
   args = parser.parse_args()
 
   import jax
-  from configs import quickstart
+  from mlseg_jax.configs import quickstart
 
   print(f"quickstart model, batch 8, 128x128, on {jax.devices()[0].device_kind}; loader "
         f"{args.host_ms:.0f} +- {args.jitter_ms:.0f} ms per batch; log (device wait) every "

@@ -12,17 +12,8 @@ Overrides: any config field from the command line, e.g. `--config.train.batch_si
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Config files import `configs.common`: make the repository root importable wherever the
-# command is started from.
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-  sys.path.insert(0, str(_REPO))
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)

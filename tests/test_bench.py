@@ -16,7 +16,7 @@ from benchmarks import bench, flops, measure, memory_plan
 
 
 def tiny_config(decoder="linear", crop=(32, 48), **model):
-  from configs.common import get_base_config
+  from mlseg_jax.configs.common import get_base_config
 
   config = get_base_config()
   config.unlock()
@@ -281,7 +281,7 @@ def _cli_config():
   """The quickstart config with TINY_OVERRIDES applied, as the command line sees it."""
   import importlib
 
-  config = importlib.import_module("configs.quickstart").get_config()
+  config = importlib.import_module("mlseg_jax.configs.quickstart").get_config()
   for flag in TINY_OVERRIDES:
     path, value = flag[len("--config."):].split("=")
     node = config

@@ -1,12 +1,16 @@
 """Every config loads, builds its model abstractly and carries the reference's numbers."""
 
 import importlib
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
 from mlseg_jax.main import validate_config
 from mlseg_jax.models.segmenter import build_model
 
@@ -48,7 +52,7 @@ TABLE = {
 
 
 def _load(name):
-  return importlib.import_module(f"configs.{name}").get_config()
+  return importlib.import_module(f"mlseg_jax.configs.{name}").get_config()
 
 
 def test_every_config_file_is_in_the_table():
@@ -96,3 +100,45 @@ def test_config_builds_its_model_abstractly(name):
   assert n > (250e6 if c.model.backbone == "L/16" else 80e6) or name == "quickstart"
   out = jax.eval_shape(lambda v: model.apply(v, images, labels=labels), shapes)
   assert out["logits"].shape == (1, h // 16, w // 16, c.model.num_classes)
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_runlocal_shrinks_every_row_and_keeps_its_head_and_losses(name):
+  full, small = _load(name), importlib.import_module(f"mlseg_jax.configs.{name}").get_config(
+      "runlocal")
+  validate_config(small, num_devices=8)
+  for field in ("decoder", "num_classes", "n_layers", "img_loss", "img_loss_weight", "oce"):
+    assert small.model[field] == full.model[field], field
+  assert small.data.name == full.data.name and small.init_from == ""
+  assert small.train.total_steps <= 4 and tuple(small.data.crop_size) == (64, 64)
+  model = build_model(small.model)
+  images, labels = jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, labels=labels))
+  assert sum(x.size for x in jax.tree_util.tree_leaves(shapes)) < 5e6
+
+
+def test_config_arguments_are_parsed_and_unknown_ones_refused():
+  from mlseg_jax.configs import common
+
+  assert common.parse_arg(None).runlocal is False
+  assert common.parse_arg("runlocal").runlocal is True
+  assert common.parse_arg("runlocal=False").runlocal is False
+  with pytest.raises(ValueError, match="'variant' is not one of"):
+    common.parse_arg("runlocal,variant=B/16")
+
+
+@pytest.mark.slow
+def test_a_paper_row_runs_locally_on_the_ade20k_samples(tmp_path):
+  """`FILE.py:runlocal` trains, checkpoints and evaluates a paper row on the CPU with no
+  other override than where its data is."""
+  root = SHARED_DATA / "ade20k_samples"
+  cmd = [sys.executable, "-m", "mlseg_jax.main", "--workdir", str(tmp_path / "wd"),
+         "--config", "configs/segmenter_mlseg_vit_b16_512_160k_ade20k.py:runlocal",
+         f"--config.data.root={root}", "--config.data.train_split=validation"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert (tmp_path / "wd" / "checkpoints" / "4").is_dir()
+  results = json.loads((tmp_path / "wd" / "eval" / "step_4_ss.json").read_text())
+  assert results["num_images"] == 2 and len(results["IoU"]) == 150

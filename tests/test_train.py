@@ -18,7 +18,7 @@ from mlseg_jax.main import validate_config
 
 
 def tiny_train_config(decoder="mask_transformer", **train_overrides):
-  from configs.common import get_base_config
+  from mlseg_jax.configs.common import get_base_config
 
   config = get_base_config()
   config.unlock()

@@ -1,0 +1,15 @@
+"""REFERENCE.md §7: segmenter_mlseg_gt_vit_b16_512_160k_ade20k_full."""
+
+from mlseg_jax.configs.common import paper_row
+
+
+def get_config(arg=None):
+  return paper_row(
+      dataset='ade20k_full',
+      backbone='B/16',
+      crop=512,
+      iters=160_000,
+      decoder='mlseg_gt',
+      miou_ss=37.0,
+      arg=arg,
+  )

@@ -1,0 +1,16 @@
+"""REFERENCE.md §7: segmenter_oce_vit_b16_512_40k_coco_stuff10k."""
+
+from mlseg_jax.configs.common import paper_row
+
+
+def get_config(arg=None):
+  return paper_row(
+      dataset='coco_stuff10k',
+      backbone='B/16',
+      crop=512,
+      iters=40_000,
+      decoder='mask_transformer',
+      oce=True,
+      miou_ss=44.1,
+      arg=arg,
+  )
