@@ -153,6 +153,40 @@ def global_batch(local_batch: dict, mesh) -> dict:
 # Progress.
 
 
+class NonFiniteLoss(FloatingPointError):
+  """The loss became NaN or infinite: the state is not worth a checkpoint."""
+
+
+def _check_finite(losses, step):
+  """losses: those of the steps up to `step`, the last one last."""
+  for i, loss in enumerate(losses):
+    if not np.isfinite(loss):
+      raise NonFiniteLoss(f"the loss is {float(loss)} at step {step - len(losses) + 1 + i}: "
+                          "training diverged; the checkpoints are kept as they were (lower "
+                          "optim.lr, or set optim.grad_clip_norm)")
+
+
+def describe_compiled_step(step_fn, state, batch) -> str:
+  """XLA's own numbers for the compiled step: FLOPs, and memory per device.
+
+  Compiles the step ahead of its first call; that call then reuses the executable.
+  """
+  compiled = step_fn.lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # A list in older JAX.
+  parts = []
+  if cost and cost.get("flops"):
+    parts.append(f"{cost['flops'] / 1e9:.4g} GFLOP per device")
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    gib = lambda n: f"{n / 2**30:.3g} GiB"  # noqa: E731
+    parts.append(f"memory per device: arguments {gib(memory.argument_size_in_bytes)}, "
+                 f"outputs {gib(memory.output_size_in_bytes)} "
+                 f"({gib(memory.alias_size_in_bytes)} aliased with the arguments), "
+                 f"temporaries {gib(memory.temp_size_in_bytes)}")
+  return "; ".join(parts) or "no cost or memory analysis on this backend"
+
+
 class Progress:
   """A bar with ETA on terminals, a log line every `log_every` steps, TensorBoard scalars.
 
@@ -184,6 +218,7 @@ class Progress:
       return None
     host = jax.device_get(self.pending)
     self.pending = []
+    _check_finite([m["loss"] for m in host], step)
     mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
     mean["lr"] = float(host[-1]["lr"])
     now = time.time()
@@ -196,6 +231,10 @@ class Progress:
         self.bar.set_postfix(loss=f"{mean['loss']:.4f}")
       self.write_scalars(step, mean, prefix="train")
     return mean
+
+  def check_finite(self, step):
+    """Before a checkpoint: the steps not logged yet have finite losses (a sync)."""
+    _check_finite(jax.device_get([m["loss"] for m in self.pending]), step)
 
   def write_scalars(self, step, scalars, prefix):
     if self.writer is not None:
@@ -376,6 +415,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           stopped = True
           break
         batch = next(data_iter)
+        if step == first:
+          n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+          logging.info("train step of %s parameters on mesh %s (%d devices, %d processes): %s",
+                       f"{n_params:,}", dict(mesh.shape), mesh.size, jax.process_count(),
+                       describe_compiled_step(step_fn, state, batch))
         state, metrics = step_fn(state, batch)
         step += 1
         logged = progress.update(step, metrics)
@@ -384,16 +428,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           # Before the last checkpoint: a run stopped after it still finds this file.
           _finish_train_metrics(workdir, total, last_metrics, is_main)
         if step % t.checkpoint_every == 0 or step == total or is_eval_step(step):
+          progress.check_finite(step)
           save_checkpoint(mngr, state, checkpointable_iter)
           saved_at = step
         if is_eval_step(step):
           evaluate(step)
     except preemption.Interrupted:
       stopped = True  # A signal during an evaluation: its step's checkpoint is written.
-    except BaseException:
-      # An error (a bad record, a full disk): keep the work done so far.
+    except BaseException as error:
+      # An error (a bad record, a full disk): keep the work done so far, unless it is a
+      # diverged state.
       try:
-        if saved_at is None or int(state.step) > saved_at:
+        if not isinstance(error, NonFiniteLoss) and (
+            saved_at is None or int(state.step) > saved_at):
           logging.warning("stopped by an error at step %d: saving a checkpoint first",
                           int(state.step))
           save_checkpoint(mngr, state, checkpointable_iter, force=True)

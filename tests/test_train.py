@@ -263,3 +263,34 @@ def test_bfloat16_compute_with_remat_keeps_float32_params():
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(state.params))
   assert all(m.dtype == jnp.float32 for m in jax.tree_util.tree_leaves(state.opt_state)
              if hasattr(m, "dtype") and m.ndim)
+
+
+def test_a_diverged_run_stops_at_its_log_step_and_keeps_the_checkpoints_as_they_were(tmp_path):
+  config = tiny_train_config(total_steps=10, log_every=5, checkpoint_every=5)
+
+  def batches_turning_nan():
+    for i, batch in enumerate(random_batches(seed=1)):
+      if i == 6:  # Step 7.
+        batch["image"][:] = np.nan
+      yield batch
+
+  with pytest.raises(train.NonFiniteLoss, match="the loss is nan at step 7"):
+    train.train(config, tmp_path, data_iter=batches_turning_nan())
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["5"]
+
+
+def test_the_compiled_step_reports_its_flops_and_memory():
+  def report(batch_size):
+    config = tiny_train_config(batch_size=batch_size)
+    _, mesh, state, _, step_fn = train.setup(config)
+    batch = train.global_batch(next(random_batches(batch=batch_size)), mesh)
+    line = train.describe_compiled_step(step_fn, state, batch)
+    state, metrics = step_fn(state, batch)  # The executable is reused, its inputs intact.
+    assert np.isfinite(float(metrics["loss"]))
+    return line
+
+  line, double = report(8), report(16)
+  assert "arguments" in line and "temporaries" in line, line
+  # Per device: 1 crop at batch 8, 2 at batch 16 (plus the batch-independent update).
+  ratio = float(double.split(" GFLOP")[0]) / float(line.split(" GFLOP")[0])
+  assert 1.7 < ratio < 2.1, (line, double)
