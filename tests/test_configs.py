@@ -41,7 +41,7 @@ TABLE = {
     "segmenter_mlseg_gt_vit_b16_480_80k_pascal_context": ("pascal_context", 60, B, 480, 80_000, "mlseg_gt", None, None, None, None, None, 0.0, False, 70.8),
     "segmenter_mlseg_gt_vit_b16_512_160k_ade20k": ("ade20k", 150, B, 512, 160_000, "mlseg_gt", None, None, None, None, None, 1e-6, False, 63.6),
     "segmenter_mlseg_gt_vit_b16_512_160k_ade20k_full": ("ade20k_full", 847, B, 512, 160_000, "mlseg_gt", None, None, None, None, None, 0.0, False, 37.0),
-    "segmenter_mlseg_gt_vit_b16_512_320k_coco_lvis": ("coco_lvis", 1284, B, 512, 320_000, "mlseg_gt", None, None, None, None, None, 1e-6, False, 46.8),
+    "segmenter_mlseg_gt_vit_b16_512_320k_coco_lvis": ("coco_lvis", 1284, B, 512, 320_000, "mlseg_gt", None, None, None, None, None, 0.0, False, 46.8),
     "segmenter_mlseg_trandec_vit_b16_512_40k_coco_stuff10k": ("coco_stuff10k", 171, B, 512, 40_000, "mlseg_trandec", 50, 16, "asl", 0.0, 10.0, 0.0, False, 44.1),
     "segmenter_mlseg_pooling_vit_b16_512_40k_coco_stuff10k": ("coco_stuff10k", 171, B, 512, 40_000, "mlseg_pooling", 50, 16, "asl", 0.0, 10.0, 0.0, False, 43.2),
     "segmenter_oce_vit_b16_512_40k_coco_stuff10k": ("coco_stuff10k", 171, B, 512, 40_000, "mask_transformer", None, None, None, None, None, 0.0, True, 44.1),
@@ -76,6 +76,8 @@ def test_config_has_the_reference_numbers(name):
   assert keys["pos_embed"] == keys["cls_token"] == keys["norm"] == 0.0
   if wd and decoder.startswith("mlseg"):
     assert keys["decode_head.blocks.0."] == keys["decode_head.ml_fc"] == 100.0
+  else:
+    assert set(keys) == {"pos_embed", "cls_token", "norm"}
   m = c.model
   assert m.drop_path_rate == 0.1 and m.dropout == 0.1 and m.oce == oce
   assert m.n_layers == (3 if decoder == "mlseg" else 2)
@@ -84,6 +86,8 @@ def test_config_has_the_reference_numbers(name):
     assert (m.topk, m.downsample, m.img_loss, m.gamma_neg, m.img_loss_weight) == (k, down, loss, gneg, weight)
   assert tuple(c.data.img_scale) == {512: (2048, 512), 640: (2560, 640), 480: (4160, 520)}[crop]
   assert c.data.ratio_range == (0.5, 2.0) and c.data.cat_max_ratio == 0.75
+  # RandomCrop's ignore_index 255 in every reference config: class 255 on the -1 datasets.
+  assert c.data.crop_ignore_label == (255 if dataset in ("ade20k_full", "coco_lvis") else -1)
   assert c.reference_miou.single_scale == miou
   assert c.train.eval_every == iters // 10
   validate_config(c, num_devices=8)

@@ -58,7 +58,7 @@ def test_label_resize_is_opencv_nearest():
     np.testing.assert_array_equal(T.resize_label(label, out_h, out_w), label[rows][:, cols])
 
 
-def _reference_crop_box(rng, label, crop, cat_max_ratio):
+def _reference_crop_box(rng, label, crop, cat_max_ratio, ignore_index=IGNORE_LABEL):
   """mmseg RandomCrop, written out: offsets uniform in the margins, up to 10 re-draws while the
   crop has fewer than two classes or one class has cat_max_ratio or more of its pixels."""
   def draw():
@@ -68,7 +68,7 @@ def _reference_crop_box(rng, label, crop, cat_max_ratio):
   box = draw()
   for _ in range(10):
     values, counts = np.unique(label[box[0]:box[1], box[2]:box[3]], return_counts=True)
-    counts = counts[values != IGNORE_LABEL]
+    counts = counts[values != ignore_index]
     if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
       break
     box = draw()
@@ -88,6 +88,24 @@ def test_random_crop_cat_max_ratio_rule():
   # A crop larger than the image keeps all of it (margins 0), to be padded later.
   image, crop = T.random_crop(_rgb(10, 12), label[:10, :12], np.random.default_rng(0), (16, 16))
   assert image.shape == (10, 12, 3) and crop.shape == (10, 12)
+
+
+def test_the_crop_test_can_leave_out_class_255_and_count_ignored_pixels():
+  """The ADE20K-Full and COCO+LVIS rows: the reference's RandomCrop ignore_index is 255 on
+  labels that ignore -1, so -1 is counted as a category and class 255 is not."""
+  label = np.full((40, 60), 255, np.int32)
+  label[:, 30:] = IGNORE_LABEL
+  label[10:20, 5:25] = 7
+  crop = np.full(300, IGNORE_LABEL, np.int32)
+  crop[:40], crop[40:100] = 7, 255
+  assert not T.crop_is_varied(crop, 0.75, ignore_label=255)  # -1 has 200 / 240.
+  assert T.crop_is_varied(crop, 0.75)  # Default: 255 counts, -1 not: 60 / 100.
+  outcomes = set()
+  for seed in range(60):
+    box = T.choose_crop_box(np.random.default_rng(seed), label, (16, 16), 0.75, 255)
+    assert box == _reference_crop_box(np.random.default_rng(seed), label, (16, 16), 0.75, 255)
+    outcomes.add(T.crop_is_varied(label[box[0]:box[1], box[2]:box[3]], 0.75, 255))
+  assert outcomes == {True, False}
 
 
 def test_flip_moves_image_and_label_together():

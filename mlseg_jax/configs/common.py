@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from mlseg_jax import IGNORE_LABEL
 from mlseg_jax import data as data_lib
 from mlseg_jax.data.datasets import INFOS as DATASET_INFOS
 from mlseg_jax.models.segmenter import default_model_config
@@ -148,6 +149,10 @@ def paper_row(*, dataset: str, backbone: str, crop: int, iters: int, decoder: st
   d.root = DATA_ROOTS[dataset]
   d.crop_size = (crop, crop)
   d.img_scale = d.test_scale = IMG_SCALES[crop]
+  # Every reference config leaves RandomCrop's ignore_index at its default, 255: the
+  # ignored pixels where the labels ignore 255, but class 255 where they ignore -1
+  # (ADE20K-Full, COCO+LVIS), whose -1 pixels then count as a category in the test.
+  d.crop_ignore_label = IGNORE_LABEL if DATASET_INFOS[dataset].labels.ignore_value == 255 else 255
   config.eval.stride = (crop, crop)
 
   o = config.optim

@@ -1,4 +1,8 @@
-"""REFERENCE.md §7: segmenter_mlseg_gt_vit_b16_512_320k_coco_lvis."""
+"""REFERENCE.md §7: segmenter_mlseg_gt_vit_b16_512_320k_coco_lvis.
+
+No weight decay: the reference's segmenter-ori_mlseg_gt_vit-b16_512x512_320k_lvis.py has
+weight_decay=0.0 and custom keys only for pos_embed, cls_token and norm.
+"""
 
 from mlseg_jax.configs.common import paper_row
 
@@ -10,8 +14,6 @@ def get_config(arg=None):
       crop=512,
       iters=320_000,
       decoder='mlseg_gt',
-      weight_decay=1e-06,
-      head_decay_mult=100.0,
       miou_ss=46.8,
       arg=arg,
   )

@@ -65,6 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.img_scale = (2048, 512)  # (long, short) before the ratio.
   c.ratio_range = (0.5, 2.0)
   c.cat_max_ratio = 0.75
+  # The label id cat_max_ratio's test leaves out: -1, the ignored pixels; the ADE20K-Full and
+  # COCO+LVIS rows set 255, the reference's RandomCrop default on labels that ignore -1.
+  c.crop_ignore_label = -1
   c.flip_prob = 0.5
   c.photometric = True
   # Evaluation: whole images, keep-ratio resize to this (long, short) scale.

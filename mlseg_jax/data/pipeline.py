@@ -54,6 +54,7 @@ def train_transform(config: ml_collections.ConfigDict,
       img_scale=tuple(int(v) for v in config.img_scale),
       ratio_range=tuple(float(v) for v in config.ratio_range) if config.ratio_range else None,
       cat_max_ratio=float(config.cat_max_ratio),
+      crop_ignore_label=int(config.crop_ignore_label),
       flip_prob=float(config.flip_prob),
       photometric=bool(config.photometric),
       mean=dataset.mean, std=dataset.std)

@@ -93,31 +93,36 @@ def sample_crop_box(rng: np.random.Generator, shape: Sequence[int],
   return oy, oy + crop_size[0], ox, ox + crop_size[1]
 
 
-def crop_is_varied(label_crop: np.ndarray, cat_max_ratio: float) -> bool:
-  """mmseg's acceptance test: more than one class, none above cat_max_ratio (ignore not
-  counted)."""
-  counts = np.bincount(label_crop.ravel() + 1)[1:]  # IGNORE_LABEL (-1) lands in bin 0.
+def crop_is_varied(label_crop: np.ndarray, cat_max_ratio: float,
+                   ignore_label: int = IGNORE_LABEL) -> bool:
+  """mmseg's acceptance test: more than one label value, none with cat_max_ratio or more of
+  the pixels; `ignore_label` (RandomCrop's ignore_index in our ids) is not counted, every
+  other value is, IGNORE_LABEL included when it is not the one left out."""
+  counts = np.bincount(label_crop.ravel() + 1)  # IGNORE_LABEL (-1) lands in bin 0.
+  if 0 <= ignore_label + 1 < len(counts):
+    counts[ignore_label + 1] = 0
   counts = counts[counts > 0]
   return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
 def choose_crop_box(rng: np.random.Generator, label: np.ndarray, crop_size: Sequence[int],
-                    cat_max_ratio: float) -> Box:
+                    cat_max_ratio: float, ignore_label: int = IGNORE_LABEL) -> Box:
   """RandomCrop's box: with cat_max_ratio < 1, up to 10 draws are tested and the first that
   passes is kept; after 10 failures an 11th draw is taken untested (the reference's loop)."""
   box = sample_crop_box(rng, label.shape, crop_size)
   if cat_max_ratio < 1.0:
     for _ in range(10):
       y0, y1, x0, x1 = box
-      if crop_is_varied(label[y0:y1, x0:x1], cat_max_ratio):
+      if crop_is_varied(label[y0:y1, x0:x1], cat_max_ratio, ignore_label):
         break
       box = sample_crop_box(rng, label.shape, crop_size)
   return box
 
 
 def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                crop_size: Sequence[int], cat_max_ratio: float = 1.0):
-  y0, y1, x0, x1 = choose_crop_box(rng, label, crop_size, cat_max_ratio)
+                crop_size: Sequence[int], cat_max_ratio: float = 1.0,
+                ignore_label: int = IGNORE_LABEL):
+  y0, y1, x0, x1 = choose_crop_box(rng, label, crop_size, cat_max_ratio, ignore_label)
   return image[y0:y1, x0:x1], label[y0:y1, x0:x1]
 
 
@@ -231,6 +236,7 @@ class TrainTransform:
   photometric: bool
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
+  crop_ignore_label: int = IGNORE_LABEL  # The label value cat_max_ratio's test leaves out.
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     image, label = record["image"], record["label"]
@@ -238,7 +244,8 @@ class TrainTransform:
              else self.img_scale)
     h, w = rescale_size(*image.shape[:2], scale)
     label = resize_label(label, h, w)
-    box = choose_crop_box(rng, label, self.crop_size, self.cat_max_ratio)
+    box = choose_crop_box(rng, label, self.crop_size, self.cat_max_ratio,
+                          self.crop_ignore_label)
     y0, y1, x0, x1 = box
     label = label[y0:y1, x0:x1]
     box = (y0, min(y1, h), x0, min(x1, w))
