@@ -9,7 +9,7 @@ remat recomputation.
 
 from __future__ import annotations
 
-from mlseg_jax.models import mlseg
+from mlseg_jax.models import mlseg_ablations
 from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.models.vit import ViT
 
@@ -82,12 +82,12 @@ def flop_breakdown(config, image_size=None, *, train: bool = True) -> dict[str, 
     else:
       pooled = s * s
       if m.decoder == "mlseg_trandec":
-        e = mlseg.TRANDEC_FFN
+        e = mlseg_ablations.TRANDEC_FFN
         decoder += 2 * pooled * width * d  # input_proj, a 1x1 conv
         per_layer = (2 * n_cls * d * d + 2 * 2 * pooled * d * d  # q; k and v projections
                      + 2 * 2 * n_cls * pooled * d  # logits and values
                      + 2 * n_cls * d * d + 2 * 2 * n_cls * d * e)  # out_proj; FFN
-        decoder += mlseg.TRANDEC_LAYERS * per_layer + 2 * n_cls * d  # + GroupWiseLinear
+        decoder += mlseg_ablations.TRANDEC_LAYERS * per_layer + 2 * n_cls * d  # + GroupWiseLinear
       else:  # Global pooling: two 1x1 convs on the mean token.
         decoder += 2 * width * width + 2 * width * n_cls
       seg_layers = m.n_layers

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_model_config
 from mlseg_jax import IGNORE_LABEL, convert, losses
-from mlseg_jax.models import decoders, mlseg, segmenter
+from mlseg_jax.models import decoders, mlseg, mlseg_gt, segmenter
 
 N_CLS, TOPK = 12, 5
 
@@ -223,10 +223,10 @@ def test_gt_label_set_comes_from_labels_of_any_size_or_a_ready_set():
   expected = np.zeros((2, 6), bool)
   expected[0, [1, 4]] = True
   expected[1, 0] = True  # No labelled pixel: class 0 alone, as the reference.
-  np.testing.assert_array_equal(mlseg.oracle_label_set(labels, 6), expected)
-  np.testing.assert_array_equal(mlseg.oracle_label_set(jnp.asarray(expected), 6), expected)
+  np.testing.assert_array_equal(mlseg_gt.oracle_label_set(labels, 6), expected)
+  np.testing.assert_array_equal(mlseg_gt.oracle_label_set(jnp.asarray(expected), 6), expected)
   with pytest.raises(ValueError, match="n_cls=7"):
-    mlseg.oracle_label_set(jnp.asarray(expected), 7)
+    mlseg_gt.oracle_label_set(jnp.asarray(expected), 7)
   head = _head(_config("mlseg_gt"))
   tokens, crop_labels = _batch(1)
   params = _init(head, tokens, labels=crop_labels)

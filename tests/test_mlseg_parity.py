@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlseg_jax import convert, losses
-from mlseg_jax.models import decoders, mlseg
+from mlseg_jax.models import decoders, mlseg, mlseg_ablations
 from conftest import tiny_model_config
 
 N_CLS, TOPK, D, D_ENC, HEADS, FF = 12, 5, 64, 48, 4, 256
@@ -364,7 +364,7 @@ def test_adaptive_avg_pool_matches_pytorch(hw, out):
 
 def test_sine_position_embedding_matches_the_reference_table():
   ref = TwinSine(16, D).pe[0].permute(1, 2, 0).reshape(256, D).numpy()
-  np.testing.assert_allclose(mlseg.sine_position_embedding(16, 16, D), ref, atol=2e-6)
+  np.testing.assert_allclose(mlseg_ablations.sine_position_embedding(16, 16, D), ref, atol=2e-6)
 
 
 @pytest.mark.parametrize("downsample,oce", [(8, False), (0, False), (8, True)])

@@ -21,7 +21,7 @@ import flax.linen as nn
 import ml_collections
 
 from mlseg_jax import losses
-from mlseg_jax.models import mlseg
+from mlseg_jax.models import mlseg, mlseg_ablations, mlseg_gt
 from mlseg_jax.models.mask_transformer import LinearDecoder, MaskTransformer
 
 
@@ -52,13 +52,13 @@ DECODERS: dict[str, DecoderSpec] = {spec.name: spec for spec in (
     DecoderSpec("mlseg", lambda c, dtype: mlseg.MLSegHead(
         topk=c.topk, downsample=c.downsample, **_blocks(c, dtype)),
                 losses.mlseg_losses, selects_topk=True),
-    DecoderSpec("mlseg_trandec", lambda c, dtype: mlseg.MLSegAblationHead(
+    DecoderSpec("mlseg_trandec", lambda c, dtype: mlseg_ablations.MLSegAblationHead(
         classifier="trandec", topk=c.topk, downsample=c.downsample, **_blocks(c, dtype)),
                 losses.mlseg_losses, selects_topk=True),
-    DecoderSpec("mlseg_pooling", lambda c, dtype: mlseg.MLSegAblationHead(
+    DecoderSpec("mlseg_pooling", lambda c, dtype: mlseg_ablations.MLSegAblationHead(
         classifier="pooling", topk=c.topk, downsample=c.downsample, **_blocks(c, dtype)),
                 losses.mlseg_losses, selects_topk=True),
-    DecoderSpec("mlseg_gt", lambda c, dtype: mlseg.MLSegOracleHead(**_blocks(c, dtype)),
+    DecoderSpec("mlseg_gt", lambda c, dtype: mlseg_gt.MLSegOracleHead(**_blocks(c, dtype)),
                 losses.mlseg_losses, needs_labels=True),
 )}
 

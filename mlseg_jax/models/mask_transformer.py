@@ -5,6 +5,11 @@ transformer blocks; each class's mask is the cosine similarity between the proje
 patch tokens and the projected class token, normalised over the class axis.
 Parameter names are the reference's (`proj_dec`, `cls_emb`, `blocks_N`, `decoder_norm`,
 `proj_patch`, `proj_classes`, `mask_norm`).
+
+`MaskTransformerBase` holds what the mask transformer and the MLSeg heads (`mlseg.py`,
+`mlseg_ablations.py`, `mlseg_gt.py`) share: their fields, their blocks, the class tokens
+and the segmentation tail (blocks, `decoder_norm`, projections, cosine masks). The
+reference's MLSeg heads subclass its MaskTransformerHead the same way.
 """
 
 from __future__ import annotations
@@ -41,16 +46,24 @@ def cosine_masks(patches, classes, proj_patch, proj_classes):
   return jnp.einsum("bnd,bkd->bnk", patches, classes)
 
 
-def decoder_blocks(n_layers, n_heads, d_ff, dropout, drop_path_rate, dtype, attention_impl,
-                   start=0):
-  """The decoder's transformer blocks (LayerNorm eps 1e-5, as nn.LayerNorm's default)."""
-  rates = np.linspace(0.0, drop_path_rate, n_layers)
-  return [Block(n_heads, d_ff, dropout, float(rates[i]), 1e-5, dtype, attention_impl,
-                name=f"blocks_{i}") for i in range(start, n_layers)]
+class MaskTransformerBase(nn.Module):
+  """The fields and pieces of every class-token decoder: the mask transformer and the
+  MLSeg heads. Subclasses add their own fields and `__call__`.
 
+  The helpers create their parameters and blocks in the calling head's own scope (they
+  are methods, not submodules), so every head keeps the reference's flat names
+  (`blocks_N`, `decoder_norm`, `proj_patch`, ...) that `convert.py`'s tables map.
 
-class MaskTransformer(nn.Module):
-  """Segmenter's mask transformer: (B, gh, gw, D_enc) tokens -> (B, gh, gw, n_cls) logits."""
+  Attributes:
+    num_classes: n_cls, the classes of the dataset.
+    d_model: the decoder's width D.
+    n_layers: transformer blocks (`blocks_0` ...).
+    n_heads / d_ff: the blocks' attention heads and MLP width.
+    dropout: on the blocks' attention probabilities and residual branches.
+    drop_path_rate: the last block's stochastic depth, linearly from 0 at the first.
+    dtype: the computation dtype (parameters stay float32).
+    attention_impl: None, "xla" or "cudnn" (`jax.nn.dot_product_attention`).
+  """
   num_classes: int
   d_model: int = 768
   n_layers: int = 2
@@ -61,29 +74,60 @@ class MaskTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
 
+  def decoder_blocks(self):
+    """The `n_layers` blocks (LayerNorm eps 1e-5, as nn.LayerNorm's default)."""
+    rates = np.linspace(0.0, self.drop_path_rate, self.n_layers)
+    return [Block(num_heads=self.n_heads, mlp_dim=self.d_ff, dropout=self.dropout,
+                  drop_path=float(rates[i]), eps=1e-5, dtype=self.dtype,
+                  attention_impl=self.attention_impl, name=f"blocks_{i}")
+            for i in range(self.n_layers)]
+
+  def class_embeddings(self, class_emb, batch: int):
+    """The head's own `cls_emb`, or OCE's class tokens from the backbone (then no param).
+
+    -> (B, n_cls, D).
+    """
+    shape = (self.num_classes, self.d_model)
+    if class_emb is None:
+      cls_emb = self.param("cls_emb", trunc_normal(), (1, *shape))
+      return jnp.broadcast_to(cls_emb, (batch, *shape))
+    if class_emb.shape[1:] != shape:
+      raise ValueError(f"OCE class tokens {class_emb.shape} do not match "
+                       f"n_cls={self.num_classes}, d_model={self.d_model} (OCE needs "
+                       "d_model == backbone width)")
+    return class_emb
+
+  def class_masks(self, patches, classes, blocks, *, train: bool, kv_seqlen=None):
+    """The segmentation tail: blocks + decoder_norm + cosine masks, before mask_norm.
+
+    patches (B, N, D), classes (B, K, D) -> (B, N, K). kv_seqlen (B,): tokens at or past
+    it are hidden from attention as keys.
+    """
+    k = classes.shape[1]
+    x = jnp.concatenate([patches, classes.astype(patches.dtype)], 1)
+    for blk in blocks:
+      x = blk(x, train, kv_seqlen)
+    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="decoder_norm")(x)
+    d = self.d_model
+    proj_patch = self.param("proj_patch", projection_init(d), (d, d))
+    proj_classes = self.param("proj_classes", projection_init(d), (d, d))
+    return cosine_masks(x[:, :-k], x[:, -k:], proj_patch, proj_classes)
+
+
+class MaskTransformer(MaskTransformerBase):
+  """Segmenter's mask transformer: (B, gh, gw, D_enc) tokens -> (B, gh, gw, n_cls) logits."""
+
   @nn.compact
   def __call__(self, tokens, class_emb=None, *, train: bool = False, labels=None):
     del labels  # Only the +GT head reads labels.
     b, gh, gw, _ = tokens.shape
-    n_cls = self.num_classes
-    x = nn.Dense(self.d_model, dtype=self.dtype, kernel_init=trunc_normal(),
-                 name="proj_dec")(tokens.reshape(b, gh * gw, -1))  # (B, N, D)
-    if class_emb is None:  # OCE hands the class tokens over from the backbone.
-      class_emb = self.param("cls_emb", trunc_normal(), (1, n_cls, self.d_model))
-      class_emb = jnp.broadcast_to(class_emb, (b, n_cls, self.d_model))
-    x = jnp.concatenate([x, class_emb.astype(x.dtype)], 1)
-    for blk in decoder_blocks(self.n_layers, self.n_heads, self.d_ff, self.dropout,
-                              self.drop_path_rate, self.dtype, self.attention_impl):
-      x = blk(x, train)
-    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="decoder_norm")(x)
-    patches, classes = x[:, :-n_cls], x[:, -n_cls:]
-    proj_patch = self.param("proj_patch", projection_init(self.d_model),
-                            (self.d_model, self.d_model))
-    proj_classes = self.param("proj_classes", projection_init(self.d_model),
-                              (self.d_model, self.d_model))
-    masks = cosine_masks(patches, classes, proj_patch, proj_classes)  # (B, N, n_cls)
+    patches = nn.Dense(self.d_model, dtype=self.dtype, kernel_init=trunc_normal(),
+                       name="proj_dec")(tokens.reshape(b, gh * gw, -1))  # (B, N, D)
+    classes = self.class_embeddings(class_emb, b)  # (B, n_cls, D)
+    masks = self.class_masks(patches, classes, self.decoder_blocks(),
+                             train=train)  # (B, N, n_cls)
     masks = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="mask_norm")(masks)
-    return {"logits": masks.reshape(b, gh, gw, n_cls)}
+    return {"logits": masks.reshape(b, gh, gw, self.num_classes)}
 
 
 class LinearDecoder(nn.Module):

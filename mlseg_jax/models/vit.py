@@ -127,11 +127,13 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, kv_seqlen=None):
     y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm1")(x)
-    y = SelfAttention(self.num_heads, self.dropout, self.dtype, self.attention_impl,
-                      name="attn")(y, train=train, kv_seqlen=kv_seqlen)
+    attn = SelfAttention(num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype,
+                         attention_impl=self.attention_impl, name="attn")
+    y = attn(y, train=train, kv_seqlen=kv_seqlen)
     x = x + DropPath(self.drop_path)(y, train=train)
     y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm2")(x)
-    y = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train=train)
+    mlp = Mlp(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype, name="mlp")
+    y = mlp(y, train=train)
     return x + DropPath(self.drop_path)(y, train=train)
 
 
@@ -240,8 +242,9 @@ class ViT(nn.Module):
       if class_tokens is not None and i == self.class_token_start_layer:
         x = jnp.concatenate(
             [x, jnp.broadcast_to(class_tokens, (b,) + class_tokens.shape[1:]).astype(x.dtype)], 1)
-      x = block(heads, 4 * width, 0.0, float(rates[i]), 1e-6, self.dtype,
-                self.attention_impl, name=f"blocks_{i}")(x, train)
+      x = block(num_heads=heads, mlp_dim=4 * width, dropout=0.0, drop_path=float(rates[i]),
+                eps=1e-6, dtype=self.dtype, attention_impl=self.attention_impl,
+                name=f"blocks_{i}")(x, train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
 
     aux = {}
