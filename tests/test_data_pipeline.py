@@ -117,30 +117,6 @@ def test_worker_processes_give_the_same_batches(folder):
     it.close()
 
 
-def test_eval_sees_each_image_once_across_two_hosts(folder):
-  names, shapes = [], []
-  counts = []
-  for index in range(2):
-    seen = list(data.make_eval_iterator(_config(folder), "val", process_index=index,
-                                        process_count=2))
-    counts.append(len(seen))
-    for rec in seen:
-      assert rec["image"].dtype == np.float32 and rec["label"].dtype == np.int32
-      if rec["valid"]:
-        names.append(rec["name"])
-        h, w = rec["orig_size"]
-        assert rec["label"].shape == (h, w)
-        assert (rec["label"] == int(rec["name"][2:])).all()  # Original labels, untouched.
-        shapes.append((rec["image"].shape, (h, w)))
-  assert counts == [4, 4]
-  assert sorted(names) == sorted(f"im{i}" for i in range(NUM_IMAGES))
-  # Keep-ratio resize to (40, 16): 24x32 -> 16x21, 30x20 -> 24x16.
-  assert set(shapes) == {((16, 21, 3), (24, 32)), ((24, 16, 3), (30, 20))}
-  padded = list(data.make_eval_iterator(_config(folder), "val", process_index=2,
-                                        process_count=3))
-  assert len(padded) == 3 and [bool(r["valid"]) for r in padded] == [True, True, False]
-
-
 def test_global_batch_from_process_local_data(folder):
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

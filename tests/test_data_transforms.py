@@ -224,10 +224,3 @@ def test_photometric_leaves_labels_alone():
     with_pmd = _config(True)(record, np.random.default_rng(seed))
     without = _config(False)(record, np.random.default_rng(seed))
     np.testing.assert_array_equal(with_pmd["label"], without["label"])
-
-
-def test_test_transform_keeps_the_original_label():
-  record = {"image": _rgb(30, 50), "label": np.zeros((30, 50), np.int32), "name": "x"}
-  out = T.TestTransform((2048, 512), (0.0,) * 3, (1.0,) * 3)(record)
-  assert out["image"].shape == (512, 853, 3) and out["label"].shape == (30, 50)
-  assert tuple(out["orig_size"]) == (30, 50)

@@ -6,6 +6,5 @@ from mlseg_jax.data.datasets import dataset_info
 from mlseg_jax.data.datasets import default_config
 from mlseg_jax.data.datasets import get_dataset
 from mlseg_jax.data.pipeline import checkpoint_args
-from mlseg_jax.data.pipeline import make_eval_iterator
 from mlseg_jax.data.pipeline import make_global_batch
 from mlseg_jax.data.pipeline import make_train_iterator

@@ -1,4 +1,4 @@
-"""Grain input pipelines: training batches and whole-image evaluation, sharded by JAX process.
+"""Grain input pipeline of training batches, sharded by JAX process.
 
 Training is one deterministic global stream, source -> shuffle (reshuffled each epoch) ->
 repeat -> augment (each position with its own seed), and process p of P takes positions
@@ -81,40 +81,6 @@ def make_train_iterator(config: ml_collections.ConfigDict, global_batch_size: in
         [index::count]
         .batch(global_batch_size // count, drop_remainder=True))
   return iter(_to_iter(ds, config))
-
-
-class _EvalRecord:
-  """Position -> evaluation dict; positions past the split (padding) repeat record 0, invalid."""
-
-  def __init__(self, dataset: datasets.Dataset, transform: transforms.TestTransform):
-    self.dataset, self.transform = dataset, transform
-
-  def __call__(self, position: int) -> dict[str, Any]:
-    valid = position < len(self.dataset)
-    out = self.transform(self.dataset[position if valid else 0])
-    out["valid"] = np.bool_(valid)
-    return out
-
-
-def eval_positions(num_images: int, process_index: int, process_count: int) -> list[int]:
-  """This host's positions: p, p + P, ... of the split padded to a multiple of P, so every
-  host yields the same number of dicts and each image is valid on exactly one host."""
-  padded = -(-num_images // process_count) * process_count
-  return list(range(process_index, padded, process_count))
-
-
-def make_eval_iterator(config: ml_collections.ConfigDict, split: str = "val",
-                       process_index: int | None = None,
-                       process_count: int | None = None) -> grain.DatasetIterator:
-  """This host's share of `split`, one whole image at a time: {"image": float32 (h, w, 3)
-  resized with keep ratio to config.test_scale and normalised, "label": int32 (H, W) at the
-  original resolution, "valid": bool (False on padding), "name": str, "orig_size": (H, W)}."""
-  index, count = _process(process_index, process_count)
-  dataset = datasets.get_dataset(config, split)
-  transform = transforms.TestTransform(tuple(int(v) for v in config.test_scale),
-                                       dataset.mean, dataset.std)
-  ds = grain.MapDataset.source(eval_positions(len(dataset), index, count))
-  return iter(_to_iter(ds.map(_EvalRecord(dataset, transform)), config))
 
 
 def make_global_batch(local_batch: Any, sharding: jax.sharding.Sharding) -> Any:

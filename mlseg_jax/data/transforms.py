@@ -256,22 +256,3 @@ class TrainTransform:
     image = normalize(image, self.mean, self.std)
     image, label = pad_to(image, label, self.crop_size)
     return {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label)}
-
-
-@dataclasses.dataclass(frozen=True)
-class TestTransform:
-  """Whole image resized with keep ratio to `test_scale` and normalised; the label is kept at
-  the original resolution, where the reference scores predictions."""
-  test_scale: tuple[int, int]
-  mean: tuple[float, float, float]
-  std: tuple[float, float, float]
-
-  def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
-    image = record["image"]
-    h, w = rescale_size(*image.shape[:2], self.test_scale)
-    return {
-        "image": normalize(resize_image(image, h, w), self.mean, self.std),
-        "label": record["label"],
-        "name": record["name"],
-        "orig_size": np.asarray(image.shape[:2], np.int32),
-    }
