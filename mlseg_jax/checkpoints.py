@@ -1,6 +1,6 @@
 """Orbax checkpoints of training: the manager (the last N steps and the best one), save and
-restore onto any mesh and any number of processes, and the fall-back past a checkpoint
-that does not read back.
+restore onto any mesh and any number of processes (the whole state to resume, the parameters
+alone to evaluate), and the fall-back past a checkpoint that does not read back.
 
 A step's checkpoint holds `state` (the TrainState: params, optimizer state, step, RNG)
 and, when the input pipeline is a Grain iterator, `data` (its position).
@@ -116,6 +116,28 @@ def restore_latest(mngr, state, shardings, data_iter=None):
   naming its step and the reason, moved to WORKDIR/damaged_checkpoints/STEP (kept, not
   deleted), and the one before it is tried.
   """
+  return _newest_that_reads_back(
+      mngr, lambda step: restore_checkpoint(mngr, state, shardings, data_iter, step=step))
+
+
+def restore_params(mngr, params, shardings):
+  """(params, step) of the newest checkpoint that reads back, or (None, None); only the
+  `params` of its state are read (an Orbax partial restore), so no optimizer is needed.
+  `params` is the shape-only tree (`abstract_params`), laid out by `shardings`. Falls back
+  past a damaged step as `restore_latest` does."""
+
+  def read(step):
+    target = {"params": with_shardings(params, shardings)}
+    state = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)
+    return mngr.restore(step, args=ocp.args.Composite(state=state))["state"]["params"]
+
+  return _newest_that_reads_back(mngr, read)
+
+
+def _newest_that_reads_back(mngr, read: Callable[[int], object]):
+  """(read(step), step) for the newest step where `read` succeeds on every process."""
   for step in sorted(mngr.all_steps(), reverse=True):
     error = None
     with _tensorstore_teardown_quiet() as quiet:
@@ -123,7 +145,7 @@ def restore_latest(mngr, state, shardings, data_iter=None):
         metadata = epath.Path(mngr.directory) / str(step) / "state" / "_METADATA"
         if not metadata.exists():  # Orbax's own error would be about pytree structure.
           raise FileNotFoundError(f"{metadata} is missing")
-        restored = restore_checkpoint(mngr, state, shardings, data_iter, step=step)
+        restored = read(step)
       except Exception as e:  # noqa: BLE001  (whatever the damage, try the previous step)
         error = e
         _drop_abandoned_read_errors()
