@@ -150,14 +150,15 @@ def main(argv=None):
   sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
   records = random_records(sizes, args.images, num_classes)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  common = dict(num_classes=num_classes, mean=HALF, std=HALF,
-                test_scale=geometry["test_scale"], crop=crop, stride=geometry["stride"],
-                topk=topk, mesh=mesh, images_per_batch=args.images_per_batch,
-                windows_per_call=args.windows_per_call)
-  modes = {"ss": dict(), "ms": dict(ratios=geometry["ratios"], flip=True)}
+  common = dict(num_classes=num_classes, topk=topk, mesh=mesh,
+                images_per_batch=args.images_per_batch, windows_per_call=args.windows_per_call)
+  geometry_of = dict(mean=HALF, std=HALF, test_scale=geometry["test_scale"], crop=crop,
+                     stride=geometry["stride"])
+  modes = {"ss": ev.EvalSettings(**geometry_of),
+           "ms": ev.EvalSettings(**geometry_of, ratios=geometry["ratios"], flip=True)}
   rows = []
   for mode in args.modes.split(","):
-    run = lambda: ev.evaluate(logits_fn, records, **common, **modes[mode])
+    run = lambda: ev.evaluate(logits_fn, records, modes[mode], **common)
     compile_s = timed(run)
     seconds = timed(run)
     rows.append((mode, args.images / seconds, compile_s - seconds))

@@ -401,12 +401,15 @@ def bench_sliding_window(model, params, config, windows_per_call: int, num_image
   d = config.data
   records = synthetic_eval_records(config, num_images)
 
+  settings = evaluate_lib.EvalSettings(
+      mean=d.mean, std=d.std, test_scale=d.test_scale, crop=d.crop_size,
+      stride=config.eval.stride, patch_size=backbone_dims(config.model)[3])
+
   def evaluate():
     return evaluate_lib.evaluate(
-        logits_fn, records, num_classes=config.model.num_classes, mean=d.mean, std=d.std,
-        test_scale=d.test_scale, crop=d.crop_size, stride=config.eval.stride,
+        logits_fn, records, settings, num_classes=config.model.num_classes,
         topk=config.model.topk if mlseg else None, mesh=mesh,
-        windows_per_call=windows_per_call, patch_size=backbone_dims(config.model)[3])
+        windows_per_call=windows_per_call)
 
   t0 = time.perf_counter()
   evaluate()  # Compiles every stage.

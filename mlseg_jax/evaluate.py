@@ -66,6 +66,11 @@ logits carry -100 in the classes a window did not select, and that fill goes thr
 averaging and resizing unchanged (every step is a convex combination). Image-level outputs for
 the multi-label metrics are taken over all windows of all passes of an image: the score of a
 class is its largest image logit, the selected set the union of the windows' top-k.
+
+The +GT oracle (`gt_classes=True`): `logits_fn(windows, classes)` also takes, per window, the
+class set of its whole image's labels (as the reference's whole-image test gives the oracle),
+laid out on the device like the windows, so images with different sets share a batch and
+one compilation.
 """
 
 from __future__ import annotations
@@ -333,6 +338,13 @@ def _take_chunk(windows, index, *, blocks: int, chunk: int, sharding):
   return _constrain(w.reshape(blocks * chunk, *w.shape[2:]), sharding)
 
 
+@functools.partial(jax.jit, static_argnames=("per_image", "layout", "sharding"))
+def _window_classes(classes, *, per_image: int, layout: tuple[int, int, int], sharding):
+  """+GT: (B, C) class sets of the images -> (blocks * padded, C), each window's image's
+  set, laid out like `_cut_windows`'s windows."""
+  return _constrain(_to_blocks(jnp.repeat(classes, per_image, axis=0), *layout), sharding)
+
+
 @functools.partial(jax.jit, static_argnames=("blocks", "sharding"), donate_argnums=0)
 def _put_chunk(buffer, values, index, *, blocks: int, sharding):
   b = buffer.reshape(blocks, -1, *buffer.shape[1:])
@@ -494,21 +506,8 @@ def batch_stream(items: Iterable[tuple[int, dict[str, Any]] | None],
   `BatchShape.encode()`.
   """
   bins: dict[BatchShape, list[tuple[int, dict[str, Any]]]] = {}
-
-  def agree(proposal: BatchShape | None) -> list[_Batch]:
-    code = (np.full((code_len,), -1, np.int32) if proposal is None
-            else np.asarray(proposal.encode(), np.int32))
-    gathered = allgather(code)
-    batches = []
-    for shape in sorted({BatchShape.decode(row) for row in gathered if row[0] >= 0}):
-      queue = bins.pop(shape, [])
-      items, rest = queue[:batch_size], queue[batch_size:]
-      if rest:
-        bins[shape] = rest
-      counts = allgather(np.asarray([len(items)], np.int32))
-      batches.append(_Batch(shape, items, int(counts.max())))
-    return batches
-
+  agree = functools.partial(_agree, bins, batch_size=batch_size, code_len=code_len,
+                            allgather=allgather)
   for item in items:
     proposal = None
     if item is not None:
@@ -523,6 +522,25 @@ def batch_stream(items: Iterable[tuple[int, dict[str, Any]] | None],
     if not batches:
       return
     yield from batches
+
+
+def _agree(bins: dict[BatchShape, list[tuple[int, dict[str, Any]]]],
+           proposal: BatchShape | None, *, batch_size: int, code_len: int,
+           allgather: Callable[[np.ndarray], np.ndarray]) -> list[_Batch]:
+  """Every process's proposal gathered; the batches of every proposed shape, taken from
+  this process's `bins` (possibly empty), in the same order on every process."""
+  code = (np.full((code_len,), -1, np.int32) if proposal is None
+          else np.asarray(proposal.encode(), np.int32))
+  gathered = allgather(code)
+  batches = []
+  for shape in sorted({BatchShape.decode(row) for row in gathered if row[0] >= 0}):
+    queue = bins.pop(shape, [])
+    items, rest = queue[:batch_size], queue[batch_size:]
+    if rest:
+      bins[shape] = rest
+    counts = allgather(np.asarray([len(items)], np.int32))
+    batches.append(_Batch(shape, items, int(counts.max())))
+  return batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,11 +639,198 @@ def _unpack_model_output(out, n_windows: int, window: tuple[int, int], patch: in
   return logits, image_logits
 
 
-def segment(logits_fn: Callable[[jax.Array], Any], records: Sequence[dict[str, Any]],
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What every batch of one `segment` call shares: the model, the settings, the layout."""
+  logits_fn: Callable[..., Any]
+  settings: EvalSettings
+  num_classes: int
+  topk: int | None
+  mesh: Mesh
+  spec: PartitionSpec
+  sharding: NamedSharding
+  blocks: int  # processes: each holds one contiguous block of every sharded array
+  shards: int  # devices over the data axes
+  images: int  # image slots per process and batch
+  chunk: int  # windows per process and model call
+  with_labels: bool
+  gt_classes: bool  # logits_fn also takes each window's image class set (+GT)
+  keep_predictions: bool
+  keep_scores: bool
+
+
+def _make_run(logits_fn, settings: EvalSettings, *, num_classes: int, topk: int | None,
+              mesh: Mesh | None, data_axis: str | Sequence[str], images_per_batch: int,
+              windows_per_call: int, with_labels: bool, gt_classes: bool,
+              keep_predictions: bool, keep_scores: bool) -> _Run:
+  axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
+  if mesh is None:
+    if jax.process_count() > 1:
+      raise ValueError("several processes: pass the mesh whose data axes span them")
+    mesh = Mesh(np.asarray(jax.local_devices()[:1]).reshape((1,) * len(axes)), axes)
+  blocks, local_shards, shards = _data_layout(mesh, axes)
+  if topk is not None and not 0 < topk <= num_classes:
+    raise ValueError(f"topk={topk} must lie in [1, num_classes={num_classes}]")
+  if gt_classes and not with_labels:
+    raise ValueError("gt_classes: the +GT oracle takes each image's class set from its labels")
+  spec = PartitionSpec(axes)
+  return _Run(logits_fn=logits_fn, settings=settings, num_classes=num_classes, topk=topk,
+              mesh=mesh, spec=spec, sharding=NamedSharding(mesh, spec), blocks=blocks,
+              shards=shards, images=_round_up(max(images_per_batch, 1), local_shards),
+              chunk=_round_up(max(windows_per_call, 1), local_shards),
+              with_labels=with_labels, gt_classes=gt_classes,
+              keep_predictions=keep_predictions, keep_scores=keep_scores)
+
+
+def _to_device(run: _Run, local: np.ndarray) -> jax.Array:
+  return jax.make_array_from_process_local_data(run.sharding, local)
+
+
+def _to_host(run: _Run, x: jax.Array) -> np.ndarray:
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, run.mesh, run.spec))
+
+
+def _shape_of(run: _Run, record: dict[str, Any]) -> BatchShape:
+  _check_record(record, run.num_classes, run.with_labels)
+  return run.settings.batch_shape(*record["image"].shape[:2])
+
+
+def _host_inputs(run: _Run, batch: _Batch) -> dict[str, np.ndarray | None]:
+  """This process's slots of `batch` as zero-padded arrays: images (bl, Ho, Wo, 3), labels
+  (bl, Ho, Wo), true sizes (bl, 2), sizes at each pass's scale (passes, bl, 2) and, for +GT,
+  each image's class set (bl, C)."""
+  bl, passes = run.images, run.settings.passes
+  ho, wo = batch.shape.orig_h, batch.shape.orig_w
+  out = dict(images=np.zeros((bl, ho, wo, 3), np.uint8), orig_hw=np.zeros((bl, 2), np.int32),
+             scaled_hw=np.zeros((len(passes), bl, 2), np.int32),
+             labels=(np.full((bl, ho, wo), IGNORE_LABEL, np.int32) if run.with_labels
+                     else None),
+             classes=np.zeros((bl, run.num_classes), bool) if run.gt_classes else None)
+  for slot, (_, record) in enumerate(batch.items):
+    h, w = record["image"].shape[:2]
+    out["images"][slot, :h, :w] = record["image"]
+    out["orig_hw"][slot] = (h, w)
+    out["scaled_hw"][:, slot] = run.settings.scaled_sizes(h, w)
+    if run.with_labels:
+      label = np.asarray(record["label"])
+      out["labels"][slot, :h, :w] = label
+      if run.gt_classes:
+        out["classes"][slot, np.unique(label[label >= 0])] = True
+  return out
+
+
+def _chunk(run: _Run, x, index):
+  return _take_chunk(x, index, blocks=run.blocks, chunk=run.chunk, sharding=run.sharding)
+
+
+def _run_model(run: _Run, windows, classes, n_calls: int, ps: PassShape, layout):
+  """logits_fn over the first n_calls chunks -> logits grids and image logits, laid out
+  like the windows (chunks never run stay 0; they only hold padding slots)."""
+  grids = image_logits = None
+  for i in range(n_calls):
+    index = np.int32(i)
+    args = [_chunk(run, windows, index)]
+    if classes is not None:
+      args.append(_chunk(run, classes, index))
+    logits, il = _unpack_model_output(run.logits_fn(*args), run.blocks * run.chunk,
+                                      (ps.window_h, ps.window_w), run.settings.patch_size,
+                                      run.num_classes)
+    if grids is None:
+      grids = _full(shape=(layout[0] * layout[2], *logits.shape[1:]), value=0.0,
+                    dtype=jnp.float32, sharding=run.sharding)
+    grids = _put_chunk(grids, logits, index, blocks=run.blocks, sharding=run.sharding)
+    if il is not None:
+      if run.topk is None:
+        raise ValueError("logits_fn returns image_logits (an MLSeg model): pass topk, the "
+                         "k of its top-k selection")
+      if image_logits is None:
+        image_logits = _full(shape=(layout[0] * layout[2], run.num_classes), value=0.0,
+                             dtype=jnp.float32, sharding=run.sharding)
+      image_logits = _put_chunk(image_logits, il, index, blocks=run.blocks,
+                                sharding=run.sharding)
+  return grids, image_logits
+
+
+def _run_pass(run: _Run, batch: _Batch, p: int, inputs: dict[str, Any], totals: tuple):
+  """Test pass p (one scale, flipped or not) of `batch` added to totals = (scores (B, Ho,
+  Wo, C), image scores (B, C), selected (B, C)), each None until a pass fills it."""
+  (_, flip), ps = run.settings.passes[p], batch.shape.passes[p]
+  flip, scaled = np.bool_(flip), inputs["scaled"][p]
+  orig = (batch.shape.orig_h, batch.shape.orig_w)
+  per_host = run.images * ps.rows * ps.cols
+  layout = (run.blocks, per_host, _round_up(per_host, run.chunk))
+  common = dict(shape=ps, settings=run.settings, layout=layout, sharding=run.sharding)
+  windows = _cut_windows(inputs["images"], inputs["orig"], scaled, flip, orig=orig, **common)
+  classes = (None if inputs["classes"] is None else _window_classes(
+      inputs["classes"], per_image=ps.rows * ps.cols, layout=layout, sharding=run.sharding))
+  # Only the first max_items images of each process's part hold an image anywhere.
+  n_calls = -(-batch.max_items * ps.rows * ps.cols // run.chunk)
+  grids, image_logits = _run_model(run, windows, classes, n_calls, ps, layout)
+  scores, image_scores, selected = totals
+  scores = _add_pass(scores, grids, inputs["orig"], scaled, flip, orig=orig,
+                     softmax=len(run.settings.passes) > 1, **common)
+  if image_logits is not None:
+    if image_scores is None:
+      shape = (run.blocks * run.images, run.num_classes)
+      image_scores = _full(shape=shape, value=-np.inf, dtype=jnp.float32, sharding=run.sharding)
+      selected = _full(shape=shape, value=False, dtype=jnp.bool_, sharding=run.sharding)
+    image_scores, selected = _add_image_logits(image_scores, selected, image_logits, scaled,
+                                               topk=run.topk, **common)
+  return scores, image_scores, selected
+
+
+def _dispatch(run: _Run, batch: _Batch) -> dict[str, jax.Array | None]:
+  """Starts every pass of `batch`, the argmax and the confusion counts on the device;
+  returns their (not yet computed) device arrays."""
+  host = _host_inputs(run, batch)
+  inputs = dict(images=_to_device(run, host["images"]), orig=_to_device(run, host["orig_hw"]),
+                scaled=[_to_device(run, s) for s in host["scaled_hw"]],
+                classes=None if host["classes"] is None else _to_device(run, host["classes"]))
+  totals = (None, None, None)
+  for p in range(len(run.settings.passes)):
+    totals = _run_pass(run, batch, p, inputs, totals)
+  scores, image_scores, selected = totals
+  ho, wo = batch.shape.orig_h, batch.shape.orig_w
+  labels = (_to_device(run, host["labels"]) if run.with_labels else
+            _full(shape=(run.blocks * run.images, ho, wo), value=IGNORE_LABEL,
+                  dtype=jnp.int32, sharding=run.sharding))
+  preds, counts = _predict_and_count(scores, labels, num_classes=run.num_classes,
+                                     groups=run.shards, sharding=run.sharding)
+  return dict(preds=preds if run.keep_predictions else None,
+              counts=counts if run.with_labels else None,
+              scores=scores if run.keep_scores else None,
+              image_scores=image_scores, selected=selected)
+
+
+def _collect(run: _Run, batch: _Batch, out: dict[str, jax.Array | None]) -> BatchResult:
+  """`_dispatch`'s arrays pulled to the host, cut to each image's own size."""
+  host = {k: None if v is None else _to_host(run, v) for k, v in out.items()}
+  confusion = None if host["counts"] is None else host["counts"].astype(np.int64).sum(0)
+  images = []
+  for slot, (index, record) in enumerate(batch.items):
+    h, w = record["image"].shape[:2]
+    r = ImageResult(index=index, name=str(record.get("name", index)))
+    if host["preds"] is not None:
+      r.prediction = host["preds"][slot, :h, :w]
+    if host["scores"] is not None:
+      r.scores = host["scores"][slot, :h, :w]
+    if host["image_scores"] is not None:
+      r.image_scores = host["image_scores"][slot]
+      r.selected = host["selected"][slot]
+    if run.with_labels:
+      label = record["label"]
+      r.label_hist = np.bincount(label[label >= 0].ravel(),
+                                 minlength=run.num_classes).astype(np.int64)
+    images.append(r)
+  return BatchResult(images, confusion, host["image_scores"] is not None)
+
+
+def segment(logits_fn: Callable[..., Any], records: Sequence[dict[str, Any]],
             settings: EvalSettings, *, num_classes: int, topk: int | None = None,
             mesh: Mesh | None = None, data_axis: str | Sequence[str] = "data",
             images_per_batch: int = 4, windows_per_call: int = 8, with_labels: bool = True,
-            keep_predictions: bool = False, keep_scores: bool = False, read_threads: int = 4,
+            gt_classes: bool = False, keep_predictions: bool = False,
+            keep_scores: bool = False, read_threads: int = 4,
             allgather: Callable[[np.ndarray], np.ndarray] = metrics_lib.process_allgather,
             ) -> Iterator[BatchResult]:
   """Runs the test passes over this process's share of `records`, batch by batch.
@@ -634,173 +839,55 @@ def segment(logits_fn: Callable[[jax.Array], Any], records: Sequence[dict[str, A
   IGNORE_LABEL (only with `with_labels`), "name": str}. `logits_fn(windows)` takes
   normalised windows (N, wh, ww, 3) float32 (a global array sharded over `data_axis`) and
   returns logits (N, ceil(wh / p), ceil(ww / p), C) or {"logits": ..., "image_logits":
-  (N, C)}. Windows and images are sharded over `data_axis`, one mesh axis name or several
-  (e.g. ("data", "fsdp"): every device of such a mesh takes a share of the windows); with no
-  mesh, everything runs on the first local device. Every process must call this with the same
-  arguments (see the module docstring).
+  (N, C)}. With `gt_classes` (the +GT oracle) it is `logits_fn(windows, classes)`, classes
+  (N, C) bool the set of classes in each window's whole image's labels. Windows and images
+  are sharded over `data_axis`, one mesh axis name or several (e.g. ("data", "fsdp"): every
+  device of such a mesh takes a share of the windows); with no mesh, everything runs on
+  the first local device. Every process must call this with the same arguments (see the
+  module docstring).
   """
-  axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
-  if mesh is None:
-    if jax.process_count() > 1:
-      raise ValueError("several processes: pass the mesh whose data axes span them")
-    mesh = Mesh(np.asarray(jax.local_devices()[:1]).reshape((1,) * len(axes)), axes)
-  blocks, local_shards, shards = _data_layout(mesh, axes)
-  spec = PartitionSpec(axes)
-  sharding = NamedSharding(mesh, spec)
-  bl = _round_up(max(images_per_batch, 1), local_shards)  # images per process and batch
-  chunk = _round_up(max(windows_per_call, 1), local_shards)  # windows per process and call
-  if topk is not None and not 0 < topk <= num_classes:
-    raise ValueError(f"topk={topk} must lie in [1, num_classes={num_classes}]")
-  passes = settings.passes
-  softmax = len(passes) > 1
-  patch = settings.patch_size
-  c = num_classes
-
-  def to_device(local: np.ndarray):
-    return jax.make_array_from_process_local_data(sharding, local)
-
-  def to_host(x) -> np.ndarray:
-    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
-
-  def shape_of(record):
-    _check_record(record, c, with_labels)
-    return settings.batch_shape(*record["image"].shape[:2])
-
-  def run_model(windows, n_calls: int, ps: PassShape, layout):
-    """logits_fn over the first n_calls chunks -> logits grids and image logits, laid out
-    like the windows (chunks never run stay 0; they only hold padding slots)."""
-    grids = image_logits = None
-    for i in range(n_calls):
-      index = np.int32(i)
-      w = _take_chunk(windows, index, blocks=blocks, chunk=chunk, sharding=sharding)
-      logits, il = _unpack_model_output(logits_fn(w), blocks * chunk,
-                                        (ps.window_h, ps.window_w), patch, c)
-      if grids is None:
-        grids = _full(shape=(layout[0] * layout[2], *logits.shape[1:]), value=0.0,
-                      dtype=jnp.float32, sharding=sharding)
-      grids = _put_chunk(grids, logits, index, blocks=blocks, sharding=sharding)
-      if il is not None:
-        if topk is None:
-          raise ValueError("logits_fn returns image_logits (an MLSeg model): pass topk, the "
-                           "k of its top-k selection")
-        if image_logits is None:
-          image_logits = _full(shape=(layout[0] * layout[2], c), value=0.0,
-                               dtype=jnp.float32, sharding=sharding)
-        image_logits = _put_chunk(image_logits, il, index, blocks=blocks, sharding=sharding)
-    return grids, image_logits
-
-  def dispatch(batch: _Batch):
-    shape = batch.shape
-    ho, wo = shape.orig_h, shape.orig_w
-    images = np.zeros((bl, ho, wo, 3), np.uint8)
-    labels = np.full((bl, ho, wo), IGNORE_LABEL, np.int32) if with_labels else None
-    orig_hw = np.zeros((bl, 2), np.int32)
-    scaled_hw = np.zeros((len(passes), bl, 2), np.int32)
-    for slot, (_, record) in enumerate(batch.items):
-      h, w = record["image"].shape[:2]
-      images[slot, :h, :w] = record["image"]
-      if with_labels:
-        labels[slot, :h, :w] = record["label"]
-      orig_hw[slot] = (h, w)
-      scaled_hw[:, slot] = settings.scaled_sizes(h, w)
-    orig_dev = to_device(orig_hw)
-    images_dev = to_device(images)
-    scores = image_scores = selected = None
-    for p, ((_, flip), ps) in enumerate(zip(passes, shape.passes)):
-      layout = (blocks, bl * ps.rows * ps.cols, _round_up(bl * ps.rows * ps.cols, chunk))
-      scaled_dev = to_device(scaled_hw[p])
-      flip_dev = np.bool_(flip)
-      windows = _cut_windows(images_dev, orig_dev, scaled_dev, flip_dev, shape=ps,
-                             orig=(ho, wo), settings=settings, layout=layout,
-                             sharding=sharding)
-      # Only the first max_items images of each process's part hold an image anywhere.
-      n_calls = -(-batch.max_items * ps.rows * ps.cols // chunk)
-      grids, image_logits = run_model(windows, n_calls, ps, layout)
-      scores = _add_pass(scores, grids, orig_dev, scaled_dev, flip_dev, shape=ps,
-                         orig=(ho, wo), settings=settings, layout=layout, softmax=softmax,
-                         sharding=sharding)
-      if image_logits is not None:
-        if image_scores is None:
-          image_scores = _full(shape=(blocks * bl, c), value=-np.inf, dtype=jnp.float32,
-                               sharding=sharding)
-          selected = _full(shape=(blocks * bl, c), value=False, dtype=jnp.bool_,
-                           sharding=sharding)
-        image_scores, selected = _add_image_logits(
-            image_scores, selected, image_logits, scaled_dev, shape=ps, settings=settings,
-            layout=layout, topk=topk, sharding=sharding)
-    labels_dev = (to_device(labels) if with_labels else
-                  _full(shape=(blocks * bl, ho, wo), value=IGNORE_LABEL, dtype=jnp.int32,
-                        sharding=sharding))
-    preds, counts = _predict_and_count(scores, labels_dev, num_classes=c, groups=shards,
-                                       sharding=sharding)
-    return batch, dict(preds=preds if keep_predictions else None,
-                       counts=counts if with_labels else None,
-                       scores=scores if keep_scores else None,
-                       image_scores=image_scores, selected=selected)
-
-  def collect(batch: _Batch, out: dict[str, Any]) -> BatchResult:
-    host = {k: None if v is None else to_host(v) for k, v in out.items()}
-    confusion = None if host["counts"] is None else host["counts"].astype(np.int64).sum(0)
-    images = []
-    for slot, (index, record) in enumerate(batch.items):
-      h, w = record["image"].shape[:2]
-      r = ImageResult(index=index, name=str(record.get("name", index)))
-      if host["preds"] is not None:
-        r.prediction = host["preds"][slot, :h, :w]
-      if host["scores"] is not None:
-        r.scores = host["scores"][slot, :h, :w]
-      if host["image_scores"] is not None:
-        r.image_scores = host["image_scores"][slot]
-        r.selected = host["selected"][slot]
-      if with_labels:
-        label = record["label"]
-        r.label_hist = np.bincount(label[label >= 0].ravel(), minlength=c).astype(np.int64)
-      images.append(r)
-    return BatchResult(images, confusion, host["image_scores"] is not None)
-
+  run = _make_run(logits_fn, settings, num_classes=num_classes, topk=topk, mesh=mesh,
+                  data_axis=data_axis, images_per_batch=images_per_batch,
+                  windows_per_call=windows_per_call, with_labels=with_labels,
+                  gt_classes=gt_classes, keep_predictions=keep_predictions,
+                  keep_scores=keep_scores)
   indices = host_indices(len(records), jax.process_index(), jax.process_count())
-  code_len = 2 + 6 * len(passes)
+  code_len = 2 + 6 * len(settings.passes)
+  items = read_ahead(records, indices, read_threads)
   pending = None
   # One batch in flight: the next batch is read and dispatched before the previous one's
   # results are pulled to the host, so reading overlaps device work.
-  items = read_ahead(records, indices, read_threads)
-  for batch in batch_stream(items, shape_of, bl, code_len, allgather):
-    current = dispatch(batch)
+  for batch in batch_stream(items, functools.partial(_shape_of, run), run.images, code_len,
+                            allgather):
+    current = batch, _dispatch(run, batch)
     if pending is not None:
-      yield collect(*pending)
+      yield _collect(run, *pending)
     pending = current
   if pending is not None:
-    yield collect(*pending)
+    yield _collect(run, *pending)
 
 
-def evaluate(logits_fn: Callable[[jax.Array], Any], records: Sequence[dict[str, Any]], *,
-             num_classes: int, mean: Sequence[float], std: Sequence[float],
-             test_scale: Sequence[int], crop: Sequence[int], stride: Sequence[int],
-             ratios: Sequence[float] = (1.0,), flip: bool = False,
+def evaluate(logits_fn: Callable[..., Any], records: Sequence[dict[str, Any]],
+             settings: EvalSettings, *, num_classes: int,
              class_names: Sequence[str] | None = None, topk: int | None = None,
-             mesh: Mesh | None = None, data_axis: str | Sequence[str] = "data",
-             images_per_batch: int = 4,
-             windows_per_call: int = 8, patch_size: int = 16,
-             small_window_multiple: int | None = None, log_every: int = 0,
-             read_threads: int = 4, allgather: Callable[[np.ndarray], np.ndarray] = metrics_lib.process_allgather,
-             ) -> dict[str, Any]:
+             log_every: int = 0,
+             allgather: Callable[[np.ndarray], np.ndarray] = metrics_lib.process_allgather,
+             **segment_kwargs) -> dict[str, Any]:
   """mIoU, aAcc, mAcc, per-class IoU / Acc (and for MLSeg models the multi-label metrics) of
-  `logits_fn` on `records`, as the reference evaluates: single scale with `ratios=(1.0,)`,
-  multi-scale + flip with `ratios=MS_RATIOS, flip=True`. Every process calls it alike; every
-  process gets the totals. See `segment` for the arguments."""
-  settings = EvalSettings(mean=mean, std=std, test_scale=test_scale, crop=crop, stride=stride,
-                          ratios=ratios, flip=flip, patch_size=patch_size,
-                          small_window_multiple=small_window_multiple)
+  `logits_fn` on `records`, as the reference evaluates: single scale with `settings.ratios =
+  (1.0,)`, multi-scale + flip with `ratios=MS_RATIOS, flip=True`. Every process calls it
+  alike; every process gets the totals. `segment_kwargs` (mesh, data_axis,
+  images_per_batch, windows_per_call, gt_classes, read_threads) and the rest are
+  `segment`'s arguments."""
   if len(records) == 0:
     raise ValueError("no images to evaluate")
   confusion = np.zeros((num_classes, num_classes), np.int64)
   multilabel = metrics_lib.MultiLabelMetrics()
   seen, has_image_logits = 0, False
   start = time.perf_counter()
-  for n, batch in enumerate(segment(
-      logits_fn, records, settings, num_classes=num_classes, topk=topk, mesh=mesh,
-      data_axis=data_axis, images_per_batch=images_per_batch,
-      windows_per_call=windows_per_call, read_threads=read_threads, allgather=allgather)):
+  batches = segment(logits_fn, records, settings, num_classes=num_classes, topk=topk,
+                    allgather=allgather, **segment_kwargs)
+  for n, batch in enumerate(batches):
     confusion += batch.confusion
     has_image_logits |= batch.has_image_logits
     for image in batch.images:

@@ -86,6 +86,9 @@ def validate_config(config, num_devices: int | None = None) -> None:
   if any(s > c for s, c in zip(config.eval.stride, d.crop_size)):
     problems.append(f"eval.stride={tuple(config.eval.stride)} is larger than the window "
                     f"data.crop_size={tuple(d.crop_size)}: pixels would be skipped")
+  from mlseg_jax.evaluators import resolve_eval_config
+
+  problems += resolve_eval_config(config)  # Also moves deprecated eval fields to their names.
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 

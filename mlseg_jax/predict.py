@@ -101,38 +101,25 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
 
 def predict_images(logits_fn: Callable[[jax.Array], Any],
                    paths: str | os.PathLike | Sequence[str | os.PathLike],
-                   output_dir: str | os.PathLike, *,
-                   mean: Sequence[float], std: Sequence[float],
+                   output_dir: str | os.PathLike, settings: ev.EvalSettings, *,
                    palette: Sequence[Sequence[int]], class_names: Sequence[str],
-                   test_scale: Sequence[int], crop: Sequence[int], stride: Sequence[int],
-                   topk: int | None = None, ratios: Sequence[float] = (1.0,),
-                   flip: bool = False, alpha: float = 0.5, patch_size: int = 16,
-                   small_window_multiple: int | None = None, mesh=None,
+                   topk: int | None = None, alpha: float = 0.5, mesh=None,
                    data_axis: str | Sequence[str] = "data", images_per_batch: int = 1,
                    windows_per_call: int = 8) -> list[dict[str, str]]:
   """Writes mask, overlay (and MLSeg classes) for each image; returns the written paths.
 
-  `logits_fn` is as for `evaluate.segment`; `topk` (the model's k) is needed for MLSeg
-  models, whose `logits_fn` returns image logits. With several processes, each writes the
-  pictures of its share of the images.
+  `logits_fn` and `settings` are as for `evaluate.segment`; `topk` (the model's k) is
+  needed for MLSeg models, whose `logits_fn` returns image logits. With several processes,
+  each writes the pictures of its share of the images.
   """
   num_classes = len(class_names)
-  palette = np.asarray(palette)
-  if palette.ndim != 2 or palette.shape[1] != 3 or len(palette) < num_classes:
-    raise ValueError(f"palette must hold an RGB colour for each of the {num_classes} classes, "
-                     f"got shape {palette.shape}")
-  if palette.min() < 0 or palette.max() > 255:
-    raise ValueError("palette colours must lie in [0, 255]")
-  palette = palette.astype(np.uint8)
+  palette = _checked_palette(palette, num_classes)
   if not 0 <= alpha <= 1:
     raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
   files = find_images(paths)
   stems = _output_stems(files)
   output_dir = epath.Path(output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
-  settings = ev.EvalSettings(mean=mean, std=std, test_scale=test_scale, crop=crop,
-                             stride=stride, ratios=ratios, flip=flip, patch_size=patch_size,
-                             small_window_multiple=small_window_multiple)
   records = _ImageFiles(files)
   written = []
   for batch in ev.segment(logits_fn, records, settings, num_classes=num_classes, topk=topk,
@@ -154,6 +141,16 @@ def predict_images(logits_fn: Callable[[jax.Array], Any],
             _selected_classes(result, class_names, topk, out["image"]), indent=2) + "\n")
       written.append(out)
   return written
+
+
+def _checked_palette(palette: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+  palette = np.asarray(palette)
+  if palette.ndim != 2 or palette.shape[1] != 3 or len(palette) < num_classes:
+    raise ValueError(f"palette must hold an RGB colour for each of the {num_classes} classes, "
+                     f"got shape {palette.shape}")
+  if palette.min() < 0 or palette.max() > 255:
+    raise ValueError("palette colours must lie in [0, 255]")
+  return palette.astype(np.uint8)
 
 
 def _write_png(path: str | os.PathLike, pixels: np.ndarray) -> None:

@@ -251,10 +251,8 @@ def test_batched_sharded_run_matches_per_image_reference_and_confusion():
     valid = rec["label"] != IGNORE_LABEL
     np.add.at(confusion, (rec["label"][valid], r.prediction[valid]), 1)
   mesh_2d = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "fsdp"))
-  results = ev.evaluate(model, records, num_classes=C, mean=MEAN, std=STD,
-                        test_scale=(56, 40), crop=(48, 48), stride=(32, 32),
-                        patch_size=PATCH, mesh=mesh_2d, data_axis=("data", "fsdp"),
-                        images_per_batch=2)
+  results = ev.evaluate(model, records, s, num_classes=C, mesh=mesh_2d,
+                        data_axis=("data", "fsdp"), images_per_batch=2)
   want = metrics_lib.segmentation_metrics(confusion)
   assert results["labelled_pixels"] == sum((r["label"] >= 0).sum() for r in records)
   for k in ("aAcc", "mIoU", "mAcc"):
@@ -275,9 +273,7 @@ def test_mlseg_fill_survives_and_image_outputs_match_reference():
   assert never.any()  # Some class is selected by no window: its logits stay -100.
   np.testing.assert_allclose(got.scores[..., never], -100.0, atol=1e-3)
   assert np.isin(got.prediction, np.flatnonzero(chosen)).all()
-  results = ev.evaluate(model, records, num_classes=C, mean=MEAN, std=STD,
-                        test_scale=(70, 30), crop=(32, 32), stride=(24, 24),
-                        patch_size=PATCH, topk=k)
+  results = ev.evaluate(model, records, s, num_classes=C, topk=k)
   hist = np.bincount(records[0]["label"][records[0]["label"] >= 0], minlength=C)
   assert results["multilabel"]["mAP"] == pytest.approx(
       metrics_lib.average_precision(best, hist > 0))
@@ -401,8 +397,8 @@ def test_camvid_val_at_real_shapes_matches_reference():
   model = jax.jit(lambda x: net.apply(params, x))
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   geometry = dict(test_scale=(2048, 512), crop=(512, 512), stride=(512, 512), patch_size=16)
-  results = ev.evaluate(model, records, num_classes=11, mean=MEAN, std=STD, mesh=mesh,
-                        images_per_batch=2, **geometry)
+  results = ev.evaluate(model, records, settings(**geometry), num_classes=11, mesh=mesh,
+                        images_per_batch=2)
   confusion = np.zeros((11, 11), np.int64)
   for rec in records:
     want, _, _ = reference_scores(model, rec["image"], settings(**geometry))

@@ -1,4 +1,5 @@
-"""Evaluation wiring: the +GT oracle sees each whole image's class set."""
+"""Evaluation wiring: the evaluators of a config, the +GT oracle seeing each whole image's
+class set, one trace of the forward per run, params-only restores, deprecated eval fields."""
 
 import math
 import types
@@ -6,12 +7,19 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mlseg_jax import evaluate as evaluate_lib
 from mlseg_jax import evaluation_runner
+from mlseg_jax import evaluators
+from mlseg_jax import optimizer as optim_lib
+from mlseg_jax import pretrained
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax import train
-from test_train import tiny_train_config
+from mlseg_jax.checkpoints import DAMAGED_DIR
+from mlseg_jax.main import validate_config
+from mlseg_jax.param_tree import flatten
+from test_train import random_batches, tiny_train_config
 
 
 def _records():
@@ -26,8 +34,15 @@ def _records():
   return out
 
 
+def _eval_config(decoder="mask_transformer", **train_overrides):
+  config = tiny_train_config(decoder=decoder, **train_overrides)
+  config.eval.stride = (64, 64)
+  config.eval.max_images = 2
+  return config
+
+
 def test_oracle_evaluation_predicts_only_each_images_classes():
-  config = tiny_train_config(decoder="mlseg_gt")
+  config = _eval_config(decoder="mlseg_gt")
   config.data.test_scale = (96, 64)
   config.eval.stride = (48, 48)
   model = train.build_model(config.model)
@@ -37,17 +52,16 @@ def test_oracle_evaluation_predicts_only_each_images_classes():
   dataset = types.SimpleNamespace(mean=(120.0,) * 3, std=(60.0,) * 3,
                                   class_names=[f"c{i}" for i in range(11)])
   records = _records()
-  results = evaluation_runner.evaluate_oracle(config, params, mesh, records, dataset)
+  # Both images in one batch: each window still sees its own image's set.
+  evaluator = evaluators.SingleScale(evaluators.make_predict_fn(config.model), config,
+                                     records, dataset, mesh)
+  results = dict(evaluator.run(params))
   assert results["num_images"] == 2
   present = {1, 3, 7, 9}
   for name, iou in results["IoU"].items():
     assert math.isnan(iou) == (int(name[1:]) not in present), (name, iou)
 
-  # Image by image, with the set fixed by hand: the same confusion as the runner's.
-  s = evaluation_runner._settings(config)
-  settings = evaluate_lib.EvalSettings(mean=dataset.mean, std=dataset.std,
-                                       test_scale=s["test_scale"], crop=s["crop"],
-                                       stride=s["stride"])
+  # Image by image, with the set fixed by hand: the same confusion as the evaluator's.
   total = np.zeros((11, 11), np.int64)
   for record, classes in zip(records, [(1, 3), (3, 7, 9)]):
     present_set = np.isin(np.arange(11), classes)
@@ -58,10 +72,110 @@ def test_oracle_evaluation_predicts_only_each_images_classes():
 
     image_confusion = sum(
         batch.confusion for batch in evaluate_lib.segment(
-            fn, [record], settings, num_classes=11, mesh=mesh, data_axis=sharding_lib.BATCH_AXES))
+            fn, [record], evaluator.settings, num_classes=11, mesh=mesh,
+            data_axis=sharding_lib.BATCH_AXES))
     # Only the image's own classes are ever predicted.
     assert image_confusion[:, [c for c in range(11) if c not in classes]].sum() == 0
     assert image_confusion[:, list(classes)].sum() > 0
     total += image_confusion
   np.testing.assert_allclose(results["mIoU"],
                              evaluate_lib.metrics_lib.segmentation_metrics(total)["mIoU"])
+
+
+class _CountingModel:
+  """A model whose `apply` counts its calls: under jit, the traces of the forward."""
+
+  def __init__(self, model):
+    self.model, self.traces = model, 0
+
+  def apply(self, *args, **kwargs):
+    self.traces += 1
+    return self.model.apply(*args, **kwargs)
+
+
+def test_a_second_periodic_evaluation_does_not_trace_the_forward_again(tmp_path, monkeypatch):
+  config = _eval_config()
+  config.eval.run = ("ss", "ms_flip")
+  config.eval.scales = (0.75, 1.0)
+  config.eval.flip = False
+  model = train.build_model(config.model)
+  counting = _CountingModel(model)
+  monkeypatch.setattr(evaluators, "build_model", lambda _: counting)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  images, labels = train.sample_inputs(config)
+  params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), images, labels=labels)["params"],
+                   out_shardings=sharding_lib.replicated(mesh))()
+  evaluate_fn = evaluation_runner.periodic_eval_fn(config, tmp_path)
+  first = evaluate_fn(params, 1)
+  traces = counting.traces
+  assert traces >= 1
+  second = evaluate_fn(jax.tree_util.tree_map(lambda p: p * 1.0, params), 2)
+  assert counting.traces == traces  # The same compiled forward, new parameters.
+  assert first == second and set(first) == {f"{kind}/{k}" for kind in ("ss", "ms_flip")
+                                             for k in ("aAcc", "mIoU", "mAcc")}
+  for kind in ("ss", "ms_flip"):
+    assert (tmp_path / "eval" / f"step_2_{kind}.json").is_file()
+
+
+def test_eval_restores_the_parameters_alone_and_falls_back_past_a_damaged_step(
+    tmp_path, monkeypatch):
+  config = _eval_config(total_steps=4, checkpoint_every=2)
+  state, _ = train.train(config, tmp_path, data_iter=random_batches(5))
+
+  def no_optimizer(*args, **kwargs):
+    raise AssertionError("evaluation built an optimizer")
+
+  monkeypatch.setattr(optim_lib, "make_optimizer", no_optimizer)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  params, source = evaluation_runner.load_params_for_eval(config, tmp_path, mesh)
+  assert source == str(tmp_path / "checkpoints" / "4")
+  want = flatten(jax.device_get(state.params))
+  got = flatten(jax.device_get(params))
+  assert got.keys() == want.keys()
+  for path in want:
+    np.testing.assert_array_equal(got[path], want[path], err_msg="/".join(path))
+
+  step_2 = flatten(pretrained.load_params(tmp_path / "checkpoints" / "2"))
+  (tmp_path / "checkpoints" / "4" / "state" / "_METADATA").unlink()
+  params, source = evaluation_runner.load_params_for_eval(config, tmp_path, mesh)
+  assert source == str(tmp_path / "checkpoints" / "2")
+  assert (tmp_path / DAMAGED_DIR / "4").is_dir()
+  got = flatten(jax.device_get(params))
+  for path in step_2:
+    np.testing.assert_array_equal(got[path], step_2[path], err_msg="/".join(path))
+
+
+def _deprecation_warnings(caplog):
+  return [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+def test_deprecated_eval_fields_still_work_with_one_warning_each(caplog):
+  config = _eval_config()
+  validate_config(config, num_devices=1)
+  assert not _deprecation_warnings(caplog)
+  assert config.eval.windows_per_call == 8 and tuple(config.eval.run) == ("ss",)
+
+  config.eval.windows_per_batch = 3
+  config.eval.multi_scale = True
+  validate_config(config, num_devices=1)
+  assert config.eval.windows_per_call == 3 and tuple(config.eval.run) == ("ms_flip",)
+  warnings = _deprecation_warnings(caplog)
+  assert len(warnings) == 2 and not any("\n" in w for w in warnings), warnings
+  assert "eval.windows_per_call=3" in warnings[0] and "eval.run=ms_flip" in warnings[1]
+  validate_config(config, num_devices=1)  # Moved once: no second warning.
+  assert len(_deprecation_warnings(caplog)) == 2
+
+  config.eval.multi_scale = False
+  validate_config(config, num_devices=1)
+  assert tuple(config.eval.run) == ("ss",)
+
+
+def test_unknown_evaluators_are_refused():
+  config = _eval_config()
+  config.eval.run = ("ss", "msflip")
+  with pytest.raises(ValueError, match="eval.run: 'msflip' is not an evaluator"):
+    validate_config(config, num_devices=1)
+  config.eval.run = ("ss",)
+  config.eval.windows_per_call = 0
+  with pytest.raises(ValueError, match="eval.windows_per_call=0 must be positive"):
+    validate_config(config, num_devices=1)

@@ -15,6 +15,7 @@ PATCH = 8
 PALETTE = [(200, 10, 10), (10, 200, 10), (10, 10, 200)]
 NAMES = ["red thing", "green thing", "blue thing"]
 GEOMETRY = dict(test_scale=(64, 32), crop=(32, 32), stride=(24, 24), patch_size=PATCH)
+SETTINGS = ev.EvalSettings(mean=(0, 0, 0), std=(1, 1, 1), **GEOMETRY)
 
 
 def colour_model(topk=None):
@@ -57,8 +58,7 @@ def image_dir(tmp_path):
 def test_predict_writes_input_sized_palette_masks_and_overlays(image_dir, tmp_path):
   out_dir = tmp_path / "out"
   written = predict.predict_images(
-      colour_model(), image_dir, out_dir, mean=(0, 0, 0), std=(1, 1, 1), palette=PALETTE,
-      class_names=NAMES, **GEOMETRY)
+      colour_model(), image_dir, out_dir, SETTINGS, palette=PALETTE, class_names=NAMES)
   assert sorted(w["image"].split("/")[-1] for w in written) == ["gray.png", "small.png",
                                                                 "wide.png"]
   palette = np.asarray(PALETTE, np.uint8)
@@ -78,8 +78,7 @@ def test_predict_writes_input_sized_palette_masks_and_overlays(image_dir, tmp_pa
   # The mask is exactly the evaluation's prediction, coloured.
   records = [{"image": np.asarray(Image.open(image_dir / "wide.png").convert("RGB")),
               "name": "wide"}]
-  settings = ev.EvalSettings(mean=(0, 0, 0), std=(1, 1, 1), **GEOMETRY)
-  (batch,) = ev.segment(colour_model(), records, settings, num_classes=3, with_labels=False,
+  (batch,) = ev.segment(colour_model(), records, SETTINGS, num_classes=3, with_labels=False,
                         keep_predictions=True)
   np.testing.assert_array_equal(np.asarray(Image.open(out_dir / "wide_mask.png")),
                                 palette[batch.images[0].prediction])
@@ -87,8 +86,8 @@ def test_predict_writes_input_sized_palette_masks_and_overlays(image_dir, tmp_pa
 
 def test_predict_mlseg_writes_selected_classes(image_dir, tmp_path):
   written = predict.predict_images(
-      colour_model(topk=1), image_dir / "wide.png", tmp_path / "out", mean=(0, 0, 0),
-      std=(1, 1, 1), palette=PALETTE, class_names=NAMES, topk=1, **GEOMETRY)
+      colour_model(topk=1), image_dir / "wide.png", tmp_path / "out", SETTINGS,
+      palette=PALETTE, class_names=NAMES, topk=1)
   (w,) = written
   classes = json.loads(open(w["classes"]).read())
   names = [c["name"] for c in classes["selected"]]
@@ -101,16 +100,17 @@ def test_predict_mlseg_writes_selected_classes(image_dir, tmp_path):
 
 
 def test_predict_needs_topk_for_mlseg_and_rejects_bad_inputs(image_dir, tmp_path):
-  kw = dict(mean=(0, 0, 0), std=(1, 1, 1), class_names=NAMES, **GEOMETRY)
+  kw = dict(class_names=NAMES)
   with pytest.raises(ValueError, match="topk"):
     predict.predict_images(colour_model(topk=1), image_dir / "small.png", tmp_path / "o",
-                           palette=PALETTE, **kw)
+                           SETTINGS, palette=PALETTE, **kw)
   with pytest.raises(ValueError, match="palette"):
-    predict.predict_images(colour_model(), image_dir, tmp_path / "o", palette=PALETTE[:2], **kw)
+    predict.predict_images(colour_model(), image_dir, tmp_path / "o", SETTINGS,
+                           palette=PALETTE[:2], **kw)
   with pytest.raises(FileNotFoundError, match="missing"):
-    predict.predict_images(colour_model(), tmp_path / "missing", tmp_path / "o",
+    predict.predict_images(colour_model(), tmp_path / "missing", tmp_path / "o", SETTINGS,
                            palette=PALETTE, **kw)
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="no image files"):
-    predict.predict_images(colour_model(), tmp_path / "empty", tmp_path / "o",
+    predict.predict_images(colour_model(), tmp_path / "empty", tmp_path / "o", SETTINGS,
                            palette=PALETTE, **kw)

@@ -15,6 +15,7 @@ import ml_collections
 from mlseg_jax import IGNORE_LABEL
 from mlseg_jax import data as data_lib
 from mlseg_jax.data.datasets import INFOS as DATASET_INFOS
+from mlseg_jax.evaluators import default_eval_config
 from mlseg_jax.models.segmenter import default_model_config
 from mlseg_jax.models.vit import VARIANTS
 from mlseg_jax.optimizer import default_optim_config
@@ -61,26 +62,6 @@ def parse_arg(arg: str | None) -> ml_collections.ConfigDict:
       value = value.strip().lower() in ("", "1", "true", "yes")
     args[key] = type(default)(value)
   return args
-
-
-def default_eval_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.mode = "slide"
-  c.stride = (512, 512)  # mmseg test_cfg stride; the window is data.crop_size.
-  c.multi_scale = False  # True: ratios below + horizontal flip, softmax averaged.
-  c.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-  c.flip = True
-  c.windows_per_batch = 8
-  # Images whose windows share one jitted call; device memory grows with it times the image
-  # size times the class count (keep 1-2 for COCO+LVIS's 1284 classes).
-  c.images_per_batch = 2
-  # Resized images smaller than the window: 0 pads them to the window (one compilation);
-  # 16 cuts them at their own size rounded to the patch, exactly as mmseg feeds them, at one
-  # compilation per distinct small size.
-  c.small_window_multiple = 0
-  c.split = "val"
-  c.max_images = 0  # 0: the whole split.
-  return c
 
 
 def get_base_config() -> ml_collections.ConfigDict:

@@ -1,0 +1,203 @@
+"""Evaluators: what training's periodic evaluation and `--mode eval` run, listed by name in
+`config.eval.run`.
+
+  ss       the single-scale sliding window at the test scale (the paper's single-scale mIoU);
+  ms_flip  the same at every `eval.scales` ratio of the test scale, each also flipped when
+           `eval.flip`, softmax averaged (the paper's multi-scale mIoU).
+
+Each is built from a predict function and the config, `EVALUATORS[name](predict_fn, config,
+records, dataset, mesh)`; `run(params)` yields (name, value) pairs, the entries of
+`evaluate.evaluate`'s results (aAcc, mIoU, mAcc, IoU, Acc, labelled_pixels, [multilabel],
+num_images, settings), so `dict(evaluator.run(params))` is the results file's content.
+
+`make_predict_fn` jits the forward once and takes the parameters as an argument, so every
+evaluation of a run (and every evaluator of one) reuses its compilation. For the +GT oracle
+(model.decoder="mlseg_gt") the forward also takes, per window, the class set of its whole
+image's labels: the same sliding window, batched like any other model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import ml_collections
+from absl import logging
+from ml_collections import config_dict
+
+from mlseg_jax import data as data_lib
+from mlseg_jax import evaluate as evaluate_lib
+from mlseg_jax import preemption
+from mlseg_jax import sharding as sharding_lib
+from mlseg_jax.models.decoders import decoder_spec
+from mlseg_jax.models.segmenter import build_model
+from mlseg_jax.models.vit import VARIANTS
+
+
+def default_eval_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # The evaluators (EVALUATORS) run, in this order, by the periodic evaluation and by
+  # --mode eval; the first one's number picks the best checkpoint, and --mode predict
+  # uses the first one's test passes.
+  c.run = ("ss",)
+  c.mode = "slide"
+  c.stride = (512, 512)  # mmseg test_cfg stride; the window is data.crop_size.
+  c.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # ms_flip: ratios of the test scale.
+  c.flip = True  # ms_flip: each scale also flipped horizontally.
+  c.windows_per_call = 8  # Windows per jitted model call (per process).
+  # Images whose windows share one jitted call; device memory grows with it times the image
+  # size times the class count (keep 1-2 for COCO+LVIS's 1284 classes).
+  c.images_per_batch = 2
+  # Resized images smaller than the window: 0 pads them to the window (one compilation);
+  # 16 cuts them at their own size rounded to the patch, exactly as mmseg feeds them, at one
+  # compilation per distinct small size.
+  c.small_window_multiple = 0
+  c.split = "val"
+  c.max_images = 0  # 0: the whole split.
+  # Deprecated aliases, unset unless given: multi_scale=True is run=("ms_flip",), False is
+  # run=("ss",); windows_per_batch is windows_per_call.
+  c.multi_scale = config_dict.placeholder(bool)
+  c.windows_per_batch = config_dict.placeholder(int)
+  return c
+
+
+def resolve_eval_config(config: ml_collections.ConfigDict) -> list[str]:
+  """Moves the deprecated eval fields that were set onto their successors (a warning each,
+  then the old field is unset again, so a second call does nothing); returns what is wrong
+  with the eval fields, one line each, for `main.validate_config`."""
+  e = config.eval
+  if e.windows_per_batch is not None:
+    logging.warning("eval.windows_per_batch is deprecated: set eval.windows_per_call=%d",
+                    e.windows_per_batch)
+    e.windows_per_call, e.windows_per_batch = e.windows_per_batch, None
+  if e.multi_scale is not None:
+    run = ("ms_flip",) if e.multi_scale else ("ss",)
+    logging.warning("eval.multi_scale is deprecated: set eval.run=%s", run[0])
+    e.run, e.multi_scale = run, None
+  problems = [f"eval.run: {name!r} is not an evaluator (one of {sorted(EVALUATORS)})"
+              for name in e.run if name not in EVALUATORS]
+  if not e.run:
+    problems.append(f"eval.run is empty: name one or more of {sorted(EVALUATORS)}")
+  for name in ("windows_per_call", "images_per_batch"):
+    if e[name] < 1:
+      problems.append(f"eval.{name}={e[name]} must be positive")
+  return problems
+
+
+def make_predict_fn(model_config: ml_collections.ConfigDict) -> Callable[..., Any]:
+  """The jitted forward: predict_fn(params, windows (N, h, w, 3)) -> {"logits", and for
+  top-k heads "image_logits"}; for +GT predict_fn(params, windows, classes (N, n_cls) bool)
+  -> {"logits"}. Traced once per window shape, whatever the parameters' values."""
+  model = build_model(model_config)
+  if decoder_spec(model_config).needs_labels:
+
+    def forward(params, windows, classes):
+      out = model.apply({"params": params}, windows, train=False, labels=classes)
+      return {"logits": out["logits"]}
+  else:
+
+    def forward(params, windows):
+      out = model.apply({"params": params}, windows, train=False)
+      return {k: out[k] for k in ("logits", "image_logits") if k in out}
+
+  return jax.jit(forward)
+
+
+class FirstN(Sequence):
+  """The first n records of a dataset (all of them for n = 0), still read lazily."""
+
+  def __init__(self, records: Sequence[dict[str, Any]], n: int):
+    self.records, self.n = records, min(n, len(records)) if n else len(records)
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.records[i]
+
+
+class Evaluator:
+  """The sliding-window evaluation of `records` with the test passes of `passes`."""
+
+  name: str
+
+  def __init__(self, predict_fn: Callable[..., Any], config: ml_collections.ConfigDict,
+               records: Sequence[dict[str, Any]], dataset, mesh):
+    e, spec = config.eval, decoder_spec(config.model)
+    self.predict_fn, self.records = predict_fn, records
+    self.settings = self.eval_settings(config, dataset)
+    self.options = dict(
+        num_classes=config.model.num_classes, class_names=dataset.class_names,
+        topk=config.model.topk if spec.selects_topk else None, mesh=mesh,
+        data_axis=sharding_lib.BATCH_AXES, images_per_batch=e.images_per_batch,
+        windows_per_call=e.windows_per_call, gt_classes=spec.needs_labels)
+
+  @staticmethod
+  def passes(eval_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `ratios` and `flip` of `EvalSettings`."""
+    raise NotImplementedError
+
+  @classmethod
+  def eval_settings(cls, config: ml_collections.ConfigDict,
+                    dataset) -> evaluate_lib.EvalSettings:
+    """How this evaluator tests an image; `dataset` gives the normalisation."""
+    e = config.eval
+    return evaluate_lib.EvalSettings(
+        mean=dataset.mean, std=dataset.std, test_scale=tuple(config.data.test_scale),
+        crop=tuple(config.data.crop_size), stride=tuple(e.stride),
+        patch_size=VARIANTS[config.model.backbone][3],
+        small_window_multiple=e.small_window_multiple or None, **cls.passes(e))
+
+  def run(self, params) -> Iterator[tuple[str, Any]]:
+    predict = stops_on_signal(functools.partial(self.predict_fn, params))
+    results = evaluate_lib.evaluate(predict, self.records, self.settings, **self.options)
+    yield from results.items()
+
+
+class SingleScale(Evaluator):
+  """One pass at the test scale."""
+
+  name = "ss"
+
+  @staticmethod
+  def passes(eval_config):
+    return dict(ratios=(1.0,), flip=False)
+
+
+class MultiScaleFlip(Evaluator):
+  """A pass at each `eval.scales` ratio of the test scale, and each flipped with `eval.flip`."""
+
+  name = "ms_flip"
+
+  @staticmethod
+  def passes(eval_config):
+    return dict(ratios=tuple(eval_config.scales), flip=bool(eval_config.flip))
+
+
+EVALUATORS: dict[str, type[Evaluator]] = {e.name: e for e in (SingleScale, MultiScaleFlip)}
+
+
+def build_evaluators(config: ml_collections.ConfigDict, mesh) -> list[Evaluator]:
+  """The evaluators of `config.eval.run` on the first `eval.max_images` of `eval.split`,
+  sharing one jitted predict function: build them once per run."""
+  problems = resolve_eval_config(config)
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+  dataset = data_lib.get_dataset(config.data, config.eval.split)
+  records = FirstN(dataset, config.eval.max_images)
+  predict_fn = make_predict_fn(config.model)
+  return [EVALUATORS[name](predict_fn, config, records, dataset, mesh)
+          for name in config.eval.run]
+
+
+def stops_on_signal(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn`, checking before each call whether a signal asks the evaluation to end."""
+
+  def call(*args):
+    preemption.check_interrupted()
+    return fn(*args)
+
+  return call
