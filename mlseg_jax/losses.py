@@ -9,12 +9,32 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mlseg_jax import IGNORE_LABEL
+from mlseg_jax.errors import DataError
 from mlseg_jax.models.mlseg import class_histogram, lookup_classes, rank_labels, rank_of_class
 from mlseg_jax.resize import upsample_logits
 
 REDUCTIONS = ("all_pixels", "valid_pixels")
+
+
+def check_labels(labels, num_classes: int, ignore_label: int = IGNORE_LABEL) -> None:
+  """Refuses label values other than 0..num_classes-1 and `ignore_label`, which would give
+  a NaN or silently wrong loss. Concrete labels only: inside a jitted step the labels come
+  from the data pipeline, whose readers check every file's values."""
+  try:
+    values = np.asarray(labels)
+  except jax.errors.TracerArrayConversionError:
+    return
+  bad = (values != ignore_label) & ((values < 0) | (values >= num_classes))
+  if bad.any():
+    found = np.unique(values[bad])
+    hint = (" (the reference's ignore value 255 is -1 here)"
+            if 255 in found and ignore_label != 255 else "")
+    raise DataError(f"labels hold {found[:8].tolist()}{' ...' if len(found) > 8 else ''}: "
+                    f"expected class ids 0..{num_classes - 1} or {ignore_label} for "
+                    f"ignored pixels{hint}")
 
 
 def segmentation_cross_entropy(logits, labels, *, reduction: str = "all_pixels",
@@ -24,6 +44,7 @@ def segmentation_cross_entropy(logits, labels, *, reduction: str = "all_pixels",
     raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
   if logits.shape[:-1] != labels.shape:
     raise ValueError(f"logits {logits.shape} and labels {labels.shape} disagree")
+  check_labels(labels, logits.shape[-1], ignore_label)
   logits = logits.astype(jnp.float32)
   valid = labels != ignore_label
   safe = jnp.where(valid, labels, 0)
@@ -104,6 +125,7 @@ def mlseg_losses(outputs, labels, model_config):
   n_cls = c.num_classes
   if labels.ndim != 3:
     raise ValueError(f"labels must be (B, H, W), got {labels.shape}")
+  check_labels(labels, n_cls)
   hist = class_histogram(labels, n_cls)  # (B, n_cls)
   present = hist > 0
   size = labels.shape[1:]

@@ -43,3 +43,27 @@ def test_cross_entropy_all_ignored_is_zero_and_bad_input_fails():
     segmentation_cross_entropy(logits, labels, reduction="mean")
   with pytest.raises(ValueError, match="disagree"):
     segmentation_cross_entropy(logits, labels[:, :3])
+
+
+def test_labels_outside_the_classes_are_refused_with_the_values_found():
+  from mlseg_jax.errors import DataError
+  from mlseg_jax.losses import mlseg_losses
+
+  logits, labels = _case()
+  labels[0, 0, 0] = 255  # The reference's ignore value, handed over unconverted.
+  with pytest.raises(DataError, match=r"labels hold \[255\]: expected class ids 0..3 or -1 "
+                                      r"for ignored pixels \(the reference's ignore value 255"):
+    segmentation_cross_entropy(logits, labels)
+  config = type("C", (), {"num_classes": 4})()
+  with pytest.raises(DataError, match=r"labels hold \[-7, 255\]"):
+    labels[1, 0, 0] = -7
+    mlseg_losses({}, labels, config)
+
+
+def test_labels_inside_a_jitted_loss_are_left_to_the_data_pipeline():
+  import jax
+
+  logits, labels = _case()
+  loss = jax.jit(segmentation_cross_entropy)(logits, labels)
+  np.testing.assert_allclose(float(loss), float(segmentation_cross_entropy(logits, labels)),
+                             rtol=1e-6)

@@ -7,11 +7,11 @@ with the reference augmentations, the MLSeg head and its losses, the sharded ste
 Orbax checkpoints, evaluation); it is not meant to reach a good mIoU.
 """
 
-from mlseg_jax.configs.common import get_base_config
+from mlseg_jax.configs.common import get_base_config, parse_arg
 
 
 def get_config(arg=None):
-  del arg  # Already a CPU run: nothing to shrink.
+  parse_arg(arg)  # Refuses unknown arguments; runlocal changes nothing: it is a CPU run.
   config = get_base_config()
   m = config.model
   m.num_classes = 11

@@ -1,0 +1,149 @@
+"""User mistakes end in one line and exit code 2; programming errors keep their traceback.
+
+A mistake in what the user gave (a config field, a path, a data file, a checkpoint) raises a
+`UserError` whose message names the thing and what is expected. `run(main)` is every entry
+point's `app.run`: it prints such an error as `error: MESSAGE` on stderr and exits 2, and
+does the same for a command line that does not parse (an unknown flag or config field, a
+value of the wrong type, a config file that does not load). `--traceback` (or
+MLSEG_TRACEBACK=1) shows the traceback instead. `--help` lists the entry point's own flags
+and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Callable, NoReturn
+
+from absl import app, flags
+
+EXIT_CODE = 2
+TRACEBACK_ENV = "MLSEG_TRACEBACK"
+
+
+
+class UserError(Exception):
+  """A mistake in the user's input; the message says which input and what is expected."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config field has a value that cannot work."""
+
+
+class DataError(UserError, ValueError):
+  """A dataset file or folder is missing, unreadable or holds values out of range."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A checkpoint or converted-weights directory does not fit the config or is unreadable."""
+
+
+def _wants_traceback(argv) -> bool:
+  return (os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+          or any(a in ("--traceback", "-traceback", "--traceback=true") for a in argv))
+
+
+def fail(message: str, code: int = EXIT_CODE) -> NoReturn:
+  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
+  sys.exit(code)
+
+
+def _key_error(error: BaseException | None) -> KeyError | None:
+  """The KeyError that a failed config override raised, if that is what `error` came from
+  (ml_collections chains AttributeError <- KeyError("did you mean") <- KeyError)."""
+  first = None
+  while error is not None:
+    if isinstance(error, KeyError):
+      if "Did you mean" in str(error):
+        return error
+      first = first or error
+    error = error.__context__
+  return first
+
+
+def describe_flag_error(error: BaseException, argv) -> str:
+  """One line for a command line that did not parse."""
+  key_error = _key_error(error) if isinstance(error, (AttributeError, KeyError)) else None
+  if key_error is not None:
+    text = str(key_error.args[0]) if key_error.args else ""
+    key = text.partition("\n")[0].strip("'\"")
+    given = next((a.lstrip("-").split("=", 1)[0] for a in argv[1:]
+                  if re.fullmatch(rf"--?\w+(\.\w+)*\.{re.escape(key)}(=.*)?", a)), key)
+    line = f"{given} is not a config field"
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    if suggestion:
+      line += f"; did you mean {given.rsplit('.', 1)[0]}.{suggestion.group(1)}?"
+    return line
+  text = str(error)
+  if "Traceback (most recent call last)" in text:
+    # A config file's get_config raised: its own last line says what is wrong.
+    flag = re.match(r"flag (--?[^=\s]+=\S+?):", text)
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    last = re.sub(r"^\w+(Error|Exception): ", "", last)
+    return f"{flag.group(1)}: {last}" if flag else last
+  message = " ".join(text.split())
+  if isinstance(error, (flags.Error, _ConfigFileError)):
+    return message
+  return f"{type(error).__name__}: {message}"
+
+
+class _ConfigFileError(Exception):
+  pass
+
+
+def _raise_deferred_config_error(name: str) -> None:
+  """ml_collections keeps a config file that failed to load as a placeholder that raises
+  when first used: raise it now, while the command line is being read."""
+  value = flags.FLAGS[name].value
+  if type(value).__name__ != "_ErrorConfig":
+    return
+  try:
+    value.get  # noqa: B018 -- any attribute raises the stored error.
+  except Exception as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    raise _ConfigFileError(f"--{name}: {lines[-1] if lines else e}") from e
+
+
+def _print_help(module: str) -> NoReturn:
+  doc = (sys.modules[module].__doc__ or "").strip() if module in sys.modules else ""
+  if doc:
+    print(doc, end="\n\n")
+  print(flags.FLAGS.module_help(module) or "(no flags)")
+  print(flags.FLAGS.module_help(__name__))
+  sys.exit(0)
+
+
+def run(main: Callable, *, module: str | None = None) -> NoReturn:
+  """`app.run(main)` with one-line errors (exit 2) and `--help` for `module`'s flags (exit 0).
+
+  module: the module whose flags `--help` lists (default: the one defining `main`).
+  """
+  module = module or main.__module__
+  if "traceback" not in flags.FLAGS:  # Defined here: importing this module defines nothing.
+    flags.DEFINE_bool("traceback", False, "Show the traceback of a configuration or input "
+                      f"error (or set {TRACEBACK_ENV}=1).")
+  argv = sys.argv
+  show = _wants_traceback(argv)
+
+  def parse(args):
+    if any(a in ("-h", "--help", "-help", "--helpshort", "-?") for a in args[1:]):
+      _print_help(module)
+    try:
+      rest = flags.FLAGS(args)
+      for name in flags.FLAGS:
+        _raise_deferred_config_error(name)
+      return rest
+    except Exception as e:  # Whatever the parse raises, its cause is the command line.
+      if show:
+        raise
+      fail(describe_flag_error(e, args))
+
+  try:
+    app.run(main, flags_parser=parse)
+  except UserError as e:
+    if show:
+      raise
+    fail(str(e))
+  raise AssertionError("app.run returned")  # It always exits.
