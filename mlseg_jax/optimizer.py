@@ -5,13 +5,13 @@ momentum buffer) or AdamW, the poly learning-rate decay of mmcv, and mmcv's para
 weight-decay rules. Those rules match substrings of the REFERENCE's parameter names
 (`backbone.layers.0.ln1.weight`, `decode_head.blocks.0.norm1.weight`, ...), with the
 longest matching key winning, so our parameter paths are first spelled the reference's
-way: e.g. "norm" must not match our backbone's `norm1` (the reference's is `ln1`, which
-decays), and "decode_head.blocks.0." must beat "norm" for block 0's norms.
+way, by the converter's tables (`checkpoint_rules.reference_name`): e.g. "norm" must not
+match our backbone's `norm1` (the reference's is `ln1`, which decays), and
+"decode_head.blocks.0." must beat "norm" for block 0's norms.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -19,44 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-_BACKBONE_NAMES = [
-    # (our sub-path regex, reference name template); ordered, first match wins.
-    (r"^cls$", "cls_token"),
-    (r"^pos_embedding$", "pos_embed"),
-    (r"^cls_emb$", "cls_emb"),
-    (r"^embedding/(kernel|bias)$", "patch_embed.projection.{leaf}"),
-    (r"^norm/(scale|bias)$", "ln1.{leaf}"),
-    (r"^blocks_(\d+)/norm1/(scale|bias)$", "layers.{0}.ln1.{leaf}"),
-    (r"^blocks_(\d+)/norm2/(scale|bias)$", "layers.{0}.ln2.{leaf}"),
-    (r"^blocks_(\d+)/attn/qkv/(kernel|bias)$", "layers.{0}.attn.attn.in_proj_{leaf}"),
-    (r"^blocks_(\d+)/attn/proj/(kernel|bias)$", "layers.{0}.attn.attn.out_proj.{leaf}"),
-    (r"^blocks_(\d+)/mlp/fc1/(kernel|bias)$", "layers.{0}.ffn.layers.0.0.{leaf}"),
-    (r"^blocks_(\d+)/mlp/fc2/(kernel|bias)$", "layers.{0}.ffn.layers.1.{leaf}"),
-]
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
-
-
-def reference_name(path: tuple[str, ...]) -> str:
-  """Our parameter path -> the reference (mmseg 0.17) parameter name."""
-  top, rest = path[0], "/".join(path[1:])
-  leaf = _LEAF.get(path[-1], path[-1])
-  if top == "backbone":
-    for pattern, template in _BACKBONE_NAMES:
-      m = re.match(pattern, rest)
-      if m:
-        name = template.format(*m.groups()[:-1] if "{leaf}" in template else m.groups(),
-                               leaf=leaf)
-        return f"backbone.{name}"
-    raise ValueError(f"no reference name for backbone parameter {'/'.join(path)}")
-  # Decode heads keep the reference's module names; Flax writes list indices as `_N`.
-  parts = [re.sub(r"^(\w+?)_(\d+)$", r"\1.\2", p) if re.match(r"^(blocks|layers)_\d+$", p)
-           else p for p in path[:-1]]
-  last = path[-1]
-  if last in _LEAF:
-    parts.append(_LEAF[last])
-  else:
-    parts.append(last)
-  return ".".join(parts)
+from mlseg_jax.checkpoint_rules import reference_name
 
 
 def decay_multipliers(params: Mapping[str, Any], custom_keys: Mapping[str, float]):
@@ -129,6 +92,9 @@ def default_optim_config() -> ml_collections.ConfigDict:
 
 def make_optimizer(c: ml_collections.ConfigDict, params, total_steps: int):
   """(optax transformation, lr schedule) for `config.optim` over `params`' tree."""
+  # Checked first: naming the parameters raises for a tree that is not a model's.
+  if c.name not in ("sgd", "adamw"):
+    raise ValueError(f"optim.name={c.name!r} is not one of ('sgd', 'adamw')")
   schedule = poly_schedule(c.lr, total_steps, c.power, c.min_lr, c.warmup_steps)
   mults = decay_multipliers(params, dict(c.decay_mult))
   parts = []
@@ -138,11 +104,9 @@ def make_optimizer(c: ml_collections.ConfigDict, params, total_steps: int):
     if c.weight_decay:
       parts.append(add_decayed_weights_by(c.weight_decay, mults))
     parts.append(optax.trace(decay=c.momentum, nesterov=False))
-  elif c.name == "adamw":
+  else:
     parts.append(optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps))
     if c.weight_decay:
       parts.append(add_decayed_weights_by(c.weight_decay, mults))
-  else:
-    raise ValueError(f"optim.name={c.name!r} is not one of ('sgd', 'adamw')")
   parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts), schedule

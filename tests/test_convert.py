@@ -44,7 +44,7 @@ def random_params(model_config, seed=0):
 def reference_state_dict(model_config, seed=0):
   params = random_params(model_config, seed)
   rules = convert.checkpoint_layout("reference", model_config).rules
-  return params, convert.params_to_torch(params, rules)
+  return params, convert.from_params(params, rules)
 
 
 def _write_safetensors(tmp_path, state, name="ckpt.safetensors"):
@@ -74,8 +74,8 @@ def test_round_trip_params_to_reference_names_and_back_is_exact(variant):
   assert (cls_emb in state) == (c.decoder != "linear" or c.oce)
   layout = convert.checkpoint_layout("reference", c)
   torch_state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
-  back = convert.torch_to_params(torch_state, layout.rules, convert.abstract_params(c),
-                                 dropped=layout.dropped)
+  back = convert.to_params(torch_state, layout.rules, convert.abstract_params(c),
+                           dropped=layout.dropped)
   _assert_trees_equal(back, params)
 
 
@@ -84,13 +84,13 @@ def test_round_trip_through_mmseg_names_is_exact(decoder):
   c = tiny_model_config(decoder)
   params = random_params(c, seed=1)
   layout = convert.checkpoint_layout("mmseg", c)
-  state = convert.params_to_torch(params, layout.rules)
+  state = convert.from_params(params, layout.rules)
   if decoder == "linear":
     assert state["decode_head.conv_seg.weight"].shape == (5, 64, 1, 1)
   else:
     assert state["decode_head.patch_proj.weight"].shape == (64, 64)
     assert "decode_head.layers.0.attn.attn.in_proj_bias" in state
-  back = convert.torch_to_params(state, layout.rules, convert.abstract_params(c))
+  back = convert.to_params(state, layout.rules, convert.abstract_params(c))
   _assert_trees_equal(back, params)
 
 
@@ -145,8 +145,8 @@ def test_class_count_mismatch_is_a_clear_error(tmp_path, variant, key):
 
 def test_mmseg_class_count_comes_from_its_unused_conv_seg_too(tmp_path):
   c = tiny_model_config("mask_transformer")
-  state = convert.params_to_torch(random_params(c),
-                                  convert.checkpoint_layout("mmseg", c).rules)
+  state = convert.from_params(random_params(c),
+                              convert.checkpoint_layout("mmseg", c).rules)
   state["decode_head.conv_seg.weight"] = np.ones((5, 64, 1, 1), np.float32)
   state["decode_head.conv_seg.bias"] = np.ones(5, np.float32)
   path = _write_safetensors(tmp_path, state)
@@ -368,7 +368,7 @@ def test_every_paper_model_has_a_complete_reference_layout():
     target = convert.abstract_params(c)
     # Zero-stride stand-ins: real shapes without real memory.
     zeros = jax.tree_util.tree_map(lambda s: np.broadcast_to(np.float32(0), s.shape), target)
-    state = convert.params_to_torch(zeros, convert.checkpoint_layout("reference", c).rules)
+    state = convert.from_params(zeros, convert.checkpoint_layout("reference", c).rules)
     assert state["backbone.pos_embed"].shape == (1, 1 + (c.img_size[0] // 16) ** 2,
                                                  1024 if c.backbone == "L/16" else 768), name
 

@@ -72,7 +72,7 @@ def _reference_checkpoint(model_config, seed=0):
   params = convert.unflatten(flat)
   rules = convert.checkpoint_layout("reference", model_config).rules
   return params, {k: np.ascontiguousarray(v)
-                  for k, v in convert.params_to_torch(params, rules).items()}
+                  for k, v in convert.from_params(params, rules).items()}
 
 
 def _torch_bytes(obj):

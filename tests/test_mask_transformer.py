@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlseg_jax.convert import ConversionError, mask_transformer_rules, torch_to_params
+from mlseg_jax.checkpoint_rules import mask_transformer_rules
+from mlseg_jax.convert import ConversionError, to_params
 from mlseg_jax.models.mask_transformer import LinearDecoder, MaskTransformer
 from torch_twins import TwinMaskTransformer, randomize_
 
@@ -18,8 +19,8 @@ def _pair(seed=0):
                           d_ff=4 * D)
   target = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 5, D_ENC))))["params"]
-  params = torch_to_params(twin.state_dict(), mask_transformer_rules(LAYERS, prefix="", path=()),
-                           target)
+  params = to_params(twin.state_dict(), mask_transformer_rules(LAYERS, prefix="", path=()),
+                     target)
   return twin, model, params
 
 
@@ -58,11 +59,11 @@ def test_reference_names_fail_loudly_on_bad_keys():
   target = jax.tree_util.tree_map(jnp.asarray, params)
   rules = mask_transformer_rules(LAYERS, prefix="", path=())
   with pytest.raises(ConversionError, match="missing key 'mask_norm.bias'"):
-    torch_to_params({k: v for k, v in sd.items() if k != "mask_norm.bias"}, rules, target)
+    to_params({k: v for k, v in sd.items() if k != "mask_norm.bias"}, rules, target)
   with pytest.raises(ConversionError, match="unexpected key 'decoder_norm2.weight'"):
-    torch_to_params(dict(sd, **{"decoder_norm2.weight": torch.ones(D)}), rules, target)
+    to_params(dict(sd, **{"decoder_norm2.weight": torch.ones(D)}), rules, target)
   with pytest.raises(ConversionError, match="'cls_emb': shape"):
-    torch_to_params(dict(sd, cls_emb=torch.ones(1, N_CLS + 1, D)), rules, target)
+    to_params(dict(sd, cls_emb=torch.ones(1, N_CLS + 1, D)), rules, target)
 
 
 def test_linear_decoder_maps_tokens_to_classes():

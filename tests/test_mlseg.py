@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from mlseg_jax import IGNORE_LABEL, convert, losses
+from mlseg_jax import IGNORE_LABEL, checkpoint_rules, convert, losses
 from mlseg_jax.models import decoders, mlseg, mlseg_gt, segmenter
 
 N_CLS, TOPK = 12, 5
@@ -320,13 +320,13 @@ def test_rule_tables_name_every_head_parameter(decoder, oce):
   shapes = jax.eval_shape(lambda: head.init(jax.random.PRNGKey(0), tokens, class_emb,
                                             labels=labels))["params"]
   params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  rules = convert.mlseg_decode_head_rules(c)
-  state = convert.params_to_torch({"decode_head": params}, rules)  # Raises if one is left.
+  rules = decoders.decoder_spec(c).reference_rules(c)
+  state = convert.from_params({"decode_head": params}, rules)  # Raises if one is left.
   assert ("decode_head.cls_emb" in state) == (not oce)
-  back = convert.torch_to_params(state, rules, {"decode_head": shapes})
+  back = convert.to_params(state, rules, {"decode_head": shapes})
   assert jax.tree_util.tree_structure(back["decode_head"]) == jax.tree_util.tree_structure(
       jax.tree_util.tree_map(np.asarray, params))
-  assert convert.oce_rules()[0].torch_key == "backbone.cls_emb"
+  assert checkpoint_rules.oce_rules()[0].torch_key == "backbone.cls_emb"
 
 
 def test_bad_settings_fail_with_a_clear_message():

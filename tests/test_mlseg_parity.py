@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlseg_jax import convert, losses
+from mlseg_jax import checkpoint_rules, convert, losses
 from mlseg_jax.models import decoders, mlseg, mlseg_ablations
 from conftest import tiny_model_config
 
@@ -331,7 +331,7 @@ def _config(decoder, **kw):
 def _converted(head, twin, rules, tokens, labels=None, class_emb=None, dropped=()):
   target = jax.eval_shape(lambda: head.init(jax.random.PRNGKey(0), tokens, class_emb,
                                             labels=labels))["params"]
-  return convert.torch_to_params(twin.state_dict(), rules, target, dropped=dropped)
+  return convert.to_params(twin.state_dict(), rules, target, dropped=dropped)
 
 
 def _check_selected_path(out, ref, c, labels, ref_losses):
@@ -375,7 +375,7 @@ def test_parity_with_torch_rankseg_head_at_batch_1(downsample, oce):
   tokens, labels = _inputs(1)
   class_emb = (np.random.default_rng(2).normal(size=(1, N_CLS, D)).astype(np.float32)
                if oce else None)
-  params = _converted(head, twin, convert.mlseg_decode_head_rules(c, prefix="", path=()),
+  params = _converted(head, twin, decoders.decoder_spec(c).reference_rules(c, prefix="", path=()),
                       tokens, class_emb=class_emb)
   out = head.apply({"params": params}, tokens, class_emb)
   with torch.no_grad():
@@ -400,7 +400,7 @@ def test_parity_of_training_losses_with_asymmetric_loss():
   c = _config("mlseg", img_loss="asl", gamma_neg=2.0, gamma_pos=0.0, img_loss_weight=5.0)
   head = decoders.DECODERS["mlseg"].build(c, jnp.float32)
   tokens, labels = _inputs(4)
-  params = _converted(head, twin, convert.mlseg_head_rules(3, prefix="", path=()), tokens)
+  params = _converted(head, twin, checkpoint_rules.mlseg_head_rules(3, prefix="", path=()), tokens)
   out = head.apply({"params": params}, tokens)
   with torch.no_grad():
     ref = twin(torch.from_numpy(tokens).permute(0, 3, 1, 2))
@@ -416,8 +416,8 @@ def test_parity_with_torch_ablation_heads_at_batch_1(decoder):
   c = _config(decoder, downsample=16, img_loss="asl", gamma_neg=0.0, gamma_pos=0.0)
   head = decoders.DECODERS[decoder].build(c, jnp.float32)
   tokens, labels = _inputs(6, grid=(6, 5), crop=(96, 80))
-  rules = convert.mlseg_decode_head_rules(c, prefix="", path=())
-  params = _converted(head, twin, rules, tokens, dropped=convert.TRANDEC_DROPPED)
+  rules = decoders.decoder_spec(c).reference_rules(c, prefix="", path=())
+  params = _converted(head, twin, rules, tokens, dropped=checkpoint_rules.TRANDEC_DROPPED)
   out = head.apply({"params": params}, tokens)
   assert out["rank_logits"].shape == (1, 6, 5, TOPK)
   with torch.no_grad():
@@ -436,7 +436,7 @@ def test_parity_with_torch_gt_head_at_batch_1(classes):
   tokens, labels = _inputs(8, classes=classes or (0,))
   if not classes:
     labels[:] = -1
-  params = _converted(head, twin, convert.mlseg_decode_head_rules(c, prefix="", path=()),
+  params = _converted(head, twin, decoders.decoder_spec(c).reference_rules(c, prefix="", path=()),
                       tokens, labels=labels)
   out = head.apply({"params": params}, tokens, labels=labels)
   with torch.no_grad():

@@ -5,8 +5,10 @@ import optax
 import pytest
 import torch
 
-from mlseg_jax.convert import flatten
-from mlseg_jax.models.segmenter import build_model, default_model_config
+from conftest import tiny_model_config
+from mlseg_jax.convert import checkpoint_layout, flatten
+from mlseg_jax.models.decoders import DECODERS
+from mlseg_jax.models.segmenter import abstract_params, build_model, default_model_config
 from mlseg_jax.optimizer import (decay_multipliers, default_optim_config, make_optimizer,
                                  poly_schedule, reference_name)
 
@@ -58,6 +60,16 @@ def test_reference_names_of_the_backbone():
       "decode_head.blocks.1.norm2.weight"
   with pytest.raises(ValueError, match="no reference name"):
     reference_name(("backbone", "mystery"))
+
+
+@pytest.mark.parametrize("oce", [False, True])
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_every_parameter_is_named_as_the_converter_names_it(decoder, oce):
+  c = tiny_model_config(decoder, topk=3, oce=oce)
+  names = {r.path: r.torch_key for r in checkpoint_layout("reference", c).rules}
+  assert sorted(names) == sorted(flatten(abstract_params(c)))
+  for path, name in names.items():
+    assert reference_name(path) == name
 
 
 def test_poly_schedule_matches_mmcv():

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlseg_jax.convert import TIMM_DROPPED, ConversionError, timm_vit_rules, torch_to_params
+from mlseg_jax.checkpoint_rules import TIMM_DROPPED, timm_vit_rules
+from mlseg_jax.convert import ConversionError, to_params
 from mlseg_jax.models.vit import VARIANTS, ViT, resize_pos_embed
 
 RNGS = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
@@ -117,8 +118,8 @@ def test_parity_with_timm_vision_transformer():
   model = ViT(variant="B/16", depth_override=2, img_size=(64, 64), drop_path_rate=0.0)
   image = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
   target = jax.eval_shape(lambda: model.init(RNGS, jnp.asarray(image)))["params"]
-  params = torch_to_params(timm_model.state_dict(), timm_vit_rules(2), target,
-                           dropped=TIMM_DROPPED)
+  params = to_params(timm_model.state_dict(), timm_vit_rules(2), target,
+                     dropped=TIMM_DROPPED)
   tokens, aux = model.apply({"params": params}, image)
   with torch.no_grad():
     ref = timm_model.forward_features(torch.from_numpy(image).permute(0, 3, 1, 2)).numpy()
@@ -134,24 +135,24 @@ def test_timm_conversion_fails_loudly_on_bad_keys():
   target = jax.eval_shape(lambda: model.init(RNGS, jnp.zeros((1, 64, 64, 3))))["params"]
   sd = dict(timm_model.state_dict())
   with pytest.raises(ConversionError, match="unexpected key 'head.weight'"):
-    torch_to_params(sd, timm_vit_rules(1), target)
+    to_params(sd, timm_vit_rules(1), target)
   missing = {k: v for k, v in sd.items() if k != "blocks.0.attn.qkv.bias"}
   with pytest.raises(ConversionError, match="missing key 'blocks.0.attn.qkv.bias'"):
-    torch_to_params(missing, timm_vit_rules(1), target, dropped=TIMM_DROPPED)
+    to_params(missing, timm_vit_rules(1), target, dropped=TIMM_DROPPED)
   bad = dict(sd, **{"blocks.0.mlp.fc1.weight": torch.zeros(10, 768)})
   with pytest.raises(ConversionError, match="blocks.0.mlp.fc1.weight.*shape"):
-    torch_to_params(bad, timm_vit_rules(1), target, dropped=TIMM_DROPPED)
+    to_params(bad, timm_vit_rules(1), target, dropped=TIMM_DROPPED)
   extra = dict(sd, **{"blocks.7.norm1.weight": torch.zeros(768)})
   with pytest.raises(ConversionError, match="unexpected key 'blocks.7.norm1.weight'"):
-    torch_to_params(extra, timm_vit_rules(1), target, dropped=TIMM_DROPPED)
+    to_params(extra, timm_vit_rules(1), target, dropped=TIMM_DROPPED)
 
 
 def test_timm_position_embedding_is_resized_on_load_like_mmseg():
   timm_model = _timm_vit(depth=1, img_size=96)  # 6x6 grid stored, model wants 4x4.
   model = ViT(variant="B/16", depth_override=1, img_size=(64, 64))
   target = jax.eval_shape(lambda: model.init(RNGS, jnp.zeros((1, 64, 64, 3))))["params"]
-  params = torch_to_params(timm_model.state_dict(), timm_vit_rules(1), target,
-                           dropped=TIMM_DROPPED)
+  params = to_params(timm_model.state_dict(), timm_vit_rules(1), target,
+                     dropped=TIMM_DROPPED)
   pe = timm_model.pos_embed.detach()
   grid = pe[:, 1:].reshape(1, 6, 6, 768).permute(0, 3, 1, 2)
   grid = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)

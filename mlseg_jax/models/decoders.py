@@ -8,6 +8,11 @@ what the rest of the code needs to know about it, so nothing else compares decod
   needs_labels   the +GT oracle, whose class set is the ground truth's at training and at
                  test: evaluation hands every image's classes to it, prediction on
                  unlabelled images is impossible.
+  reference_rules, mmseg_rules
+                 its head's rule table (`checkpoint_rules.py`) in the reference's checkpoints
+                 and in mmseg 1.x's, from the model config (`convert.py` adds the
+                 backbone's); `*_dropped`: the head's keys there that are knowingly unused.
+                 mmseg_rules=None: mmseg has no such head.
 
 The reference's class for each name is in `mlseg.py`'s docstring.
 """
@@ -15,11 +20,12 @@ The reference's class for each name is in `mlseg.py`'s docstring.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import ml_collections
 
+from mlseg_jax import checkpoint_rules as rules
 from mlseg_jax import losses
 from mlseg_jax.models import mlseg, mlseg_ablations, mlseg_gt
 from mlseg_jax.models.mask_transformer import LinearDecoder, MaskTransformer
@@ -33,6 +39,12 @@ class DecoderSpec:
   loss: Callable[[dict, Any, ml_collections.ConfigDict], tuple]
   selects_topk: bool = False
   needs_labels: bool = False
+  # (model config, prefix=, path=) -> the head's rules; prefix and path default to the
+  # whole model's ("decode_head.", ("decode_head",)).
+  reference_rules: Optional[Callable[..., list]] = None
+  reference_dropped: tuple[str, ...] = ()
+  mmseg_rules: Optional[Callable[..., list]] = None
+  mmseg_dropped: tuple[str, ...] = ()
 
 
 def _blocks(c, dtype) -> dict[str, Any]:
@@ -43,23 +55,40 @@ def _blocks(c, dtype) -> dict[str, Any]:
               attention_impl=c.attention_impl)
 
 
+def _reference(head_rules):
+  """A reference head's rules from the model config; under OCE its class tokens are the
+  backbone's, not the head's `cls_emb`."""
+  return lambda c, **at: head_rules(c.n_layers, with_cls_emb=not c.oce, **at)
+
+
 DECODERS: dict[str, DecoderSpec] = {spec.name: spec for spec in (
     DecoderSpec("mask_transformer", lambda c, dtype: MaskTransformer(**_blocks(c, dtype)),
-                losses.segmenter_losses),
+                losses.segmenter_losses,
+                reference_rules=_reference(rules.mask_transformer_rules),
+                mmseg_rules=lambda c, **at: rules.mmseg_mask_head_rules(c.n_layers, **at),
+                mmseg_dropped=rules.MMSEG_MASK_HEAD_DROPPED),
     DecoderSpec("linear", lambda c, dtype: LinearDecoder(num_classes=c.num_classes,
                                                          dtype=dtype),
-                losses.segmenter_losses),
+                losses.segmenter_losses,
+                reference_rules=lambda c, **at: rules.reference_linear_head_rules(**at),
+                mmseg_rules=lambda c, **at: rules.mmseg_linear_head_rules(**at)),
     DecoderSpec("mlseg", lambda c, dtype: mlseg.MLSegHead(
         topk=c.topk, downsample=c.downsample, **_blocks(c, dtype)),
-                losses.mlseg_losses, selects_topk=True),
+                losses.mlseg_losses, selects_topk=True,
+                reference_rules=_reference(rules.mlseg_head_rules)),
     DecoderSpec("mlseg_trandec", lambda c, dtype: mlseg_ablations.MLSegAblationHead(
         classifier="trandec", topk=c.topk, downsample=c.downsample, **_blocks(c, dtype)),
-                losses.mlseg_losses, selects_topk=True),
+                losses.mlseg_losses, selects_topk=True,
+                # Its fixed sine table is a buffer we recompute.
+                reference_rules=_reference(rules.trandec_head_rules),
+                reference_dropped=rules.TRANDEC_DROPPED),
     DecoderSpec("mlseg_pooling", lambda c, dtype: mlseg_ablations.MLSegAblationHead(
         classifier="pooling", topk=c.topk, downsample=c.downsample, **_blocks(c, dtype)),
-                losses.mlseg_losses, selects_topk=True),
+                losses.mlseg_losses, selects_topk=True,
+                reference_rules=_reference(rules.pooling_head_rules)),
     DecoderSpec("mlseg_gt", lambda c, dtype: mlseg_gt.MLSegOracleHead(**_blocks(c, dtype)),
-                losses.mlseg_losses, needs_labels=True),
+                losses.mlseg_losses, needs_labels=True,
+                reference_rules=_reference(rules.gt_head_rules)),
 )}
 
 
