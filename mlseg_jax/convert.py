@@ -466,14 +466,6 @@ def main(argv) -> None:
 
 
 def _run_cli() -> None:
-  import sys
-  from pathlib import Path
-
-  # Config files import `configs.common`: the repository root must be importable.
-  repo = str(Path(__file__).resolve().parents[1])
-  if repo not in sys.path:
-    sys.path.insert(0, repo)
-
   # Run the imported module, not this `__main__` copy: code that imports mlseg_jax.convert
   # then sees the same module, and its flags, as the command line.
   from mlseg_jax import convert

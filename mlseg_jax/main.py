@@ -3,7 +3,7 @@ r"""Entry point: `python -m mlseg_jax.main --config configs/NAME.py --workdir DI
 Modes:
   train    train (or resume) the config in --workdir, then evaluate the final weights.
   eval     evaluate the workdir's latest checkpoint (or --config.init_from) on the config's
-           validation split; --config.eval.multi_scale=True for multi-scale + flip.
+           validation split; --config.eval.run=ms_flip for multi-scale + flip.
   predict  colour-coded masks and overlays for --images (a file or a directory) in --output.
 
 Overrides: any config field from the command line, e.g. `--config.train.batch_size=16

@@ -353,7 +353,7 @@ def _paper_model_configs():
 
   seen = {}
   for path in sorted((REPO / "configs").glob("segmenter_*.py")):
-    c = importlib.import_module(f"configs.{path.stem}").get_config().model
+    c = importlib.import_module(f"mlseg_jax.configs.{path.stem}").get_config().model
     seen.setdefault((c.backbone, c.decoder, c.oce, c.downsample), (path.stem, c))
   return list(seen.values())
 

@@ -149,15 +149,14 @@ def test_checkpoint_files_on_gcs_convert_to_gcs_and_export_back(gcs_bucket, tmp_
 
 
 def test_predict_reads_and_writes_a_bucket_as_a_local_directory(gcs_bucket, tmp_path):
-  from test_predict import GEOMETRY, NAMES, PALETTE, colour_model
+  from test_predict import NAMES, PALETTE, SETTINGS, colour_model
 
-  kw = dict(mean=(0, 0, 0), std=(1, 1, 1), palette=PALETTE, class_names=NAMES, topk=2,
-            **GEOMETRY)
+  kw = dict(palette=PALETTE, class_names=NAMES, topk=2)
   written = {}
   for root in (tmp_path, gcs_bucket):
     images = _copy_camvid(f"{root}/data", {"val": 2})
     written[root] = predict.predict_images(colour_model(topk=2), f"{images}/images/val",
-                                           f"{root}/predictions", **kw)
+                                           f"{root}/predictions", SETTINGS, **kw)
   local, remote = written[tmp_path], written[gcs_bucket]
   assert [w["mask"] for w in remote] == [
       f"{gcs_bucket}/predictions/{epath.Path(w['image']).stem}_mask.png" for w in remote]
