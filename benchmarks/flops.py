@@ -69,7 +69,7 @@ def flop_breakdown(config, image_size=None, *, train: bool = True) -> dict[str, 
     decoder = 2 * n_patch * width * d + m.n_layers * block_flops(n_patch + n_cls, d, f)
     masks = 2 * n_patch * d * d + 2 * n_cls * d * d + 2 * n_patch * n_cls * d
   elif decoder_spec(m).selects_topk:
-    k, s = m.topk, m.downsample
+    k, s = m.topk, m.pool_grid
     decoder = 2 * n_patch * width * d  # proj_dec over the patch tokens
     if m.decoder == "mlseg":
       # Block 0: the class tokens with the s x s pooled tokens (all patches when s = 0),

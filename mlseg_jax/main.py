@@ -28,8 +28,10 @@ def validate_config(config, num_devices: int | None = None) -> None:
   import jax
 
   from mlseg_jax.models.decoders import decoder_spec
+  from mlseg_jax.models.segmenter import resolve_model_config
   from mlseg_jax.models.vit import VARIANTS
 
+  resolve_model_config(config)  # A deprecated field moved to its name first.
   problems = []
   m, d, t = config.model, config.data, config.train
   patch = VARIANTS[m.backbone][3] if m.backbone in VARIANTS else None

@@ -95,7 +95,7 @@ def test_model_flops_of_the_mask_transformer_and_mlseg_heads_against_hand_counts
 
   # MLSeg, 2 blocks (block 0 = multi-label branch over a 1x1 pooled token), top-2 of 5.
   config = tiny_config("mlseg", crop=(32, 48), d_model=32, n_heads=4, d_ff=64, n_layers=2,
-                       topk=2, downsample=1)
+                       topk=2, pool_grid=1)
   b = flops.flop_breakdown(config)
   proj_dec = 2 * 6 * 64 * 32 + 2 * 1 * 64 * 32  # patch tokens, then the pooled token
   block0 = _block(1 + 5, 32, 64)
@@ -107,8 +107,8 @@ def test_model_flops_of_the_mask_transformer_and_mlseg_heads_against_hand_counts
   assert b["upsample"] == 2 * 2 * (32 * 2 * 3 + 32 * 48 * 3)
   assert flops.flop_breakdown(config, train=False)["upsample"] == 2 * 5 * (32 * 2 * 3
                                                                              + 32 * 48 * 3)
-  # downsample = 0: block 0 sees every patch token, no pooled projection.
-  config.model.downsample = 0
+  # pool_grid = 0: block 0 sees every patch token, no pooled projection.
+  config.model.pool_grid = 0
   b0 = flops.flop_breakdown(config)
   assert b0["decoder"] == 2 * 6 * 64 * 32 + _block(6 + 5, 32, 64) + group_wise_linear \
       + segmentation
@@ -220,7 +220,7 @@ TINY_OVERRIDES = [
     "--config.model.n_heads=4", "--config.model.d_ff=256", "--config.model.n_layers=2",
     "--config.model.img_size=64,64", "--config.data.crop_size=64,64",
     "--config.data.test_scale=120,90", "--config.eval.stride=64,64",
-    "--config.model.topk=4", "--config.model.downsample=2",
+    "--config.model.topk=4", "--config.model.pool_grid=2",
 ]
 
 

@@ -15,7 +15,7 @@ from mlseg_jax.main import validate_config
 from mlseg_jax.models.segmenter import build_model
 
 # REFERENCE.md §7, one line per config:
-# name: (dataset, classes, backbone, crop, iters, decoder, k, downsample, img loss,
+# name: (dataset, classes, backbone, crop, iters, decoder, k, pool_grid, img loss,
 #        gamma_neg, weight, weight decay, oce, mIoU single-scale)
 B, L = "B/16", "L/16"
 TABLE = {
@@ -83,7 +83,7 @@ def test_config_has_the_reference_numbers(name):
   assert m.n_layers == (3 if decoder == "mlseg" else 2)
   assert tuple(m.img_size) == ((512, 512) if crop == 480 else (crop, crop))
   if k is not None:
-    assert (m.topk, m.downsample, m.img_loss, m.gamma_neg, m.img_loss_weight) == (k, down, loss, gneg, weight)
+    assert (m.topk, m.pool_grid, m.img_loss, m.gamma_neg, m.img_loss_weight) == (k, down, loss, gneg, weight)
   assert tuple(c.data.img_scale) == {512: (2048, 512), 640: (2560, 640), 480: (4160, 520)}[crop]
   assert c.data.ratio_range == (0.5, 2.0) and c.data.cat_max_ratio == 0.75
   # RandomCrop's ignore_index 255 in every reference config: class 255 on the -1 datasets.
@@ -146,3 +146,13 @@ def test_a_paper_row_runs_locally_on_the_ade20k_samples(tmp_path):
   assert (tmp_path / "wd" / "checkpoints" / "4").is_dir()
   results = json.loads((tmp_path / "wd" / "eval" / "step_4_ss.json").read_text())
   assert results["num_images"] == 2 and len(results["IoU"]) == 150
+
+
+def test_the_deprecated_downsample_field_sets_pool_grid_once():
+  c = _load("segmenter_mlseg_vit_b16_512_160k_ade20k")
+  c.model.downsample = 4
+  validate_config(c, num_devices=8)
+  assert c.model.pool_grid == 4 and c.model.downsample is None
+  c.model.pool_grid = 8
+  validate_config(c, num_devices=8)  # Nothing left to move.
+  assert c.model.pool_grid == 8

@@ -25,7 +25,7 @@ VARIANTS = {
     "mask_transformer_oce": dict(decoder="mask_transformer", oce=True),
     "linear": dict(decoder="linear"),
     "mlseg": dict(decoder="mlseg", n_layers=3, topk=3),
-    "mlseg_no_pool": dict(decoder="mlseg", n_layers=3, topk=3, downsample=0),
+    "mlseg_no_pool": dict(decoder="mlseg", n_layers=3, topk=3, pool_grid=0),
     "mlseg_oce": dict(decoder="mlseg", n_layers=3, topk=3, oce=True),
     "mlseg_trandec": dict(decoder="mlseg_trandec", topk=3),
     "mlseg_pooling": dict(decoder="mlseg_pooling", topk=3),
@@ -354,7 +354,7 @@ def _paper_model_configs():
   seen = {}
   for path in sorted((REPO / "configs").glob("segmenter_*.py")):
     c = importlib.import_module(f"mlseg_jax.configs.{path.stem}").get_config().model
-    seen.setdefault((c.backbone, c.decoder, c.oce, c.downsample), (path.stem, c))
+    seen.setdefault((c.backbone, c.decoder, c.oce, c.pool_grid), (path.stem, c))
   return list(seen.values())
 
 

@@ -19,7 +19,7 @@ N_CLS, TOPK = 12, 5
 
 def _config(decoder="mlseg", **kw):
   kw.setdefault("n_layers", 3 if decoder == "mlseg" else 2)
-  kw.setdefault("downsample", 16 if decoder in ("mlseg_trandec", "mlseg_pooling") else 8)
+  kw.setdefault("pool_grid", 16 if decoder in ("mlseg_trandec", "mlseg_pooling") else 8)
   kw.setdefault("num_classes", N_CLS)
   kw.setdefault("topk", TOPK)
   return tiny_model_config(decoder, **kw)
@@ -334,8 +334,8 @@ def test_bad_settings_fail_with_a_clear_message():
   key = jax.random.PRNGKey(0)
   with pytest.raises(ValueError, match="topk=13"):
     jax.eval_shape(_head(_config("mlseg", topk=13)).init, key, tokens)
-  with pytest.raises(ValueError, match="downsample must be > 0"):
-    jax.eval_shape(_head(_config("mlseg_pooling", downsample=0)).init, key, tokens)
+  with pytest.raises(ValueError, match="pool_grid must be > 0"):
+    jax.eval_shape(_head(_config("mlseg_pooling", pool_grid=0)).init, key, tokens)
   c = _config("mlseg", img_loss="focal")
   head = _head(c)
 
@@ -360,8 +360,8 @@ def test_bfloat16_heads_keep_float32_image_logits_and_losses(decoder):
   assert loss.dtype == jnp.float32 and all(m.dtype == jnp.float32 for m in metrics.values())
 
 
-def test_no_downsample_runs_block_0_on_every_patch_token():
-  head = _head(_config("mlseg", downsample=0))
+def test_no_pool_grid_runs_block_0_on_every_patch_token():
+  head = _head(_config("mlseg", pool_grid=0))
   tokens, _ = _batch(1, grid=(3, 5))
   out, block0_in = _recorded(head, "blocks_0", _init(head, tokens), tokens)
   assert block0_in.shape == (1, 15 + N_CLS, 64)
@@ -372,7 +372,7 @@ def test_no_downsample_runs_block_0_on_every_patch_token():
 def test_real_shapes_b16_coco_stuff_head():
   """COCO-Stuff's MLSeg head at its real shapes: 171 classes, k 50, 32x32 tokens, D 768."""
   c = tiny_model_config("mlseg", num_classes=171, topk=50, n_layers=3, d_model=768,
-                        n_heads=12, d_ff=3072, downsample=8)
+                        n_heads=12, d_ff=3072, pool_grid=8)
   head = _head(c)
   tokens = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 32, 768))
   labels = jax.random.randint(jax.random.PRNGKey(1), (1, 512, 512), -1, 171)

@@ -370,7 +370,7 @@ def test_sine_position_embedding_matches_the_reference_table():
 @pytest.mark.parametrize("downsample,oce", [(8, False), (0, False), (8, True)])
 def test_parity_with_torch_rankseg_head_at_batch_1(downsample, oce):
   twin = _randomised(TwinRankSegHead(downsample, with_cls_emb=not oce))
-  c = _config("mlseg", downsample=downsample, oce=oce)
+  c = _config("mlseg", pool_grid=downsample, oce=oce)
   head = decoders.DECODERS["mlseg"].build(c, jnp.float32)
   tokens, labels = _inputs(1)
   class_emb = (np.random.default_rng(2).normal(size=(1, N_CLS, D)).astype(np.float32)
@@ -413,7 +413,7 @@ def test_parity_of_training_losses_with_asymmetric_loss():
 def test_parity_with_torch_ablation_heads_at_batch_1(decoder):
   classifier = decoder.split("_")[1]
   twin = _randomised(TwinDecoderHead(classifier), seed=5)
-  c = _config(decoder, downsample=16, img_loss="asl", gamma_neg=0.0, gamma_pos=0.0)
+  c = _config(decoder, pool_grid=16, img_loss="asl", gamma_neg=0.0, gamma_pos=0.0)
   head = decoders.DECODERS[decoder].build(c, jnp.float32)
   tokens, labels = _inputs(6, grid=(6, 5), crop=(96, 80))
   rules = decoders.decoder_spec(c).reference_rules(c, prefix="", path=())

@@ -22,7 +22,7 @@ def tiny_train_config(decoder="mask_transformer", **train_overrides):
 
   config = get_base_config()
   config.unlock()
-  config.model = tiny_model_config(decoder=decoder, num_classes=11, topk=4, downsample=2)
+  config.model = tiny_model_config(decoder=decoder, num_classes=11, topk=4, pool_grid=2)
   config.lock()
   config.data.name = "camvid"
   config.data.root = str(REPO / "data" / "camvid_subset")

@@ -97,7 +97,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 
 def paper_row(*, dataset: str, backbone: str, crop: int, iters: int, decoder: str,
-              n_layers: int = 2, topk: int = 50, downsample: int = 8, img_loss: str = "bce",
+              n_layers: int = 2, topk: int = 50, pool_grid: int = 8, img_loss: str = "bce",
               gamma_neg: float = 0.0, gamma_pos: float = 0.0, img_loss_weight: float = 0.0,
               weight_decay: float = 0.0, head_decay_mult: float = 0.0, oce: bool = False,
               miou_ss: float = -1.0, miou_ms: float = -1.0,
@@ -119,7 +119,7 @@ def paper_row(*, dataset: str, backbone: str, crop: int, iters: int, decoder: st
   m.decoder = decoder
   m.n_layers = n_layers
   m.topk = topk
-  m.downsample = downsample
+  m.pool_grid = pool_grid
   m.img_loss, m.gamma_neg, m.gamma_pos = img_loss, gamma_neg, gamma_pos
   m.img_loss_weight = img_loss_weight
   m.oce = oce

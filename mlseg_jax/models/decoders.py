@@ -73,17 +73,17 @@ DECODERS: dict[str, DecoderSpec] = {spec.name: spec for spec in (
                 reference_rules=lambda c, **at: rules.reference_linear_head_rules(**at),
                 mmseg_rules=lambda c, **at: rules.mmseg_linear_head_rules(**at)),
     DecoderSpec("mlseg", lambda c, dtype: mlseg.MLSegHead(
-        topk=c.topk, downsample=c.downsample, **_blocks(c, dtype)),
+        topk=c.topk, pool_grid=c.pool_grid, **_blocks(c, dtype)),
                 losses.mlseg_losses, selects_topk=True,
                 reference_rules=_reference(rules.mlseg_head_rules)),
     DecoderSpec("mlseg_trandec", lambda c, dtype: mlseg_ablations.MLSegAblationHead(
-        classifier="trandec", topk=c.topk, downsample=c.downsample, **_blocks(c, dtype)),
+        classifier="trandec", topk=c.topk, pool_grid=c.pool_grid, **_blocks(c, dtype)),
                 losses.mlseg_losses, selects_topk=True,
                 # Its fixed sine table is a buffer we recompute.
                 reference_rules=_reference(rules.trandec_head_rules),
                 reference_dropped=rules.TRANDEC_DROPPED),
     DecoderSpec("mlseg_pooling", lambda c, dtype: mlseg_ablations.MLSegAblationHead(
-        classifier="pooling", topk=c.topk, downsample=c.downsample, **_blocks(c, dtype)),
+        classifier="pooling", topk=c.topk, pool_grid=c.pool_grid, **_blocks(c, dtype)),
                 losses.mlseg_losses, selects_topk=True,
                 reference_rules=_reference(rules.pooling_head_rules)),
     DecoderSpec("mlseg_gt", lambda c, dtype: mlseg_gt.MLSegOracleHead(**_blocks(c, dtype)),

@@ -13,7 +13,7 @@ and the paper's head. The heads, by the name `model.decoder` gives them in
 `decoders.py` (the reference's class in brackets):
   "mlseg"          MLSegHead [MaskTransformerRankSegHead], here: "1 TranEnc Layer".
                    Block 0 runs the class tokens with the 8x8-pooled patch tokens (or
-                   with all patch tokens when `downsample` is 0); decoder_norm2 +
+                   with all patch tokens when `pool_grid` is 0); decoder_norm2 +
                    GroupWiseLinear score the classes; blocks 1.. segment with the
                    selected block-0 class tokens.
   "mlseg_trandec"  MLSegAblationHead [MaskTransformerRankSegDecoderHead + RankSegDecoderHead],
@@ -216,7 +216,7 @@ class MLSegHead(MaskTransformerBase):
   """
   n_layers: int = 3  # Block 0 + (n_layers - 1) segmentation blocks.
   topk: int = 50
-  downsample: int = 8  # Pooled grid of the multi-label branch; 0: all patch tokens.
+  pool_grid: int = 8  # Pooled grid of the multi-label branch; 0: all patch tokens.
 
   @nn.compact
   def __call__(self, tokens, class_emb=None, *, train: bool = False, labels=None):
@@ -233,13 +233,13 @@ class MLSegHead(MaskTransformerBase):
     blocks = self.decoder_blocks()
 
     # Multi-label branch: every class token attends to a coarse view of the image.
-    if self.downsample:
-      pooled = adaptive_avg_pool(tokens, (self.downsample, self.downsample))
-      ml_patches = proj_dec(pooled.reshape(b, self.downsample ** 2, -1))  # (B, s*s, D)
+    if self.pool_grid:
+      pooled = adaptive_avg_pool(tokens, (self.pool_grid, self.pool_grid))
+      ml_patches = proj_dec(pooled.reshape(b, self.pool_grid ** 2, -1))  # (B, s*s, D)
     else:
       ml_patches = patches
     x = blocks[0](jnp.concatenate([ml_patches, classes.astype(ml_patches.dtype)], 1), train)
-    if not self.downsample:  # Block 0's patch outputs feed the segmentation blocks.
+    if not self.pool_grid:  # Block 0's patch outputs feed the segmentation blocks.
       patches = x[:, :-n_cls]
     classes = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="decoder_norm2")(
         x[:, -n_cls:])  # (B, n_cls, D)

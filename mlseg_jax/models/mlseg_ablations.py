@@ -1,7 +1,7 @@
 """MLSeg's head ablations (REFERENCE.md §3): "2 TranDec Layers" and "Global Pooling".
 
 Both replace MLSeg's block-0 multi-label branch (`mlseg.MLSegHead`) by a separate image
-classifier on the encoder map average-pooled to `downsample` x `downsample` (16 in the
+classifier on the encoder map average-pooled to `pool_grid` x `pool_grid` (16 in the
 reference); the k best classes select among the raw class embeddings, and all `n_layers`
 blocks segment with them. The heads, by `model.decoder` (the reference's classes):
   "mlseg_trandec"  MLSegAblationHead(classifier="trandec") [MaskTransformerRankSegDecoderHead
@@ -178,18 +178,18 @@ class MLSegAblationHead(MaskTransformerBase):
   """
   classifier: str = "trandec"  # "trandec" ("2 TranDec Layers") or "pooling".
   topk: int = 50
-  downsample: int = 16  # Pooled grid the classifier reads (the reference's 16x16).
+  pool_grid: int = 16  # Pooled grid the classifier reads (the reference's 16x16).
 
   @nn.compact
   def __call__(self, tokens, class_emb=None, *, train: bool = False, labels=None):
     del labels
     check_topk(self.topk, self.num_classes)
-    if self.downsample <= 0:
-      raise ValueError("the ablation heads classify a pooled map: model.downsample must be "
-                       f"> 0 (the reference uses 16), got {self.downsample}")
+    if self.pool_grid <= 0:
+      raise ValueError("the ablation heads classify a pooled map: model.pool_grid must be "
+                       f"> 0 (the reference uses 16), got {self.pool_grid}")
     b, gh, gw, _ = tokens.shape
     classes = self.class_embeddings(class_emb, b)  # (B, n_cls, D)
-    pooled = adaptive_avg_pool(tokens, (self.downsample, self.downsample))  # Encoder width.
+    pooled = adaptive_avg_pool(tokens, (self.pool_grid, self.pool_grid))  # Encoder width.
     if self.classifier == "trandec":
       image_logits = TranDecClassifier(num_classes=self.num_classes, dtype=self.dtype,
                                        name="img_cls_head")(pooled, classes, train=train)

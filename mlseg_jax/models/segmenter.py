@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 
 from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.models.vit import REMAT_POLICIES, VARIANTS, ViT
@@ -50,7 +51,9 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.decoder_drop_path_rate = 0.0
   # MLSeg (REFERENCE.md §3); read only by the mlseg* decoders.
   c.topk = 50
-  c.downsample = 8  # Pooled grid of the multi-label branch; 0 = all patch tokens.
+  # The multi-label branch reads the patch tokens average-pooled to a pool_grid x pool_grid
+  # grid (the reference's `downsample`); 0 = all patch tokens.
+  c.pool_grid = 8
   c.img_loss = "bce"  # "bce" or "asl".
   c.gamma_neg = 0.0
   c.gamma_pos = 0.0
@@ -65,7 +68,18 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.remat_policy = "nothing_saveable"  # What it keeps: a name in vit.REMAT_POLICIES.
   # None: cuDNN's fused kernel on NVIDIA GPUs when computing in bf16/fp16, XLA elsewhere.
   c.attention_impl = ml_collections.config_dict.placeholder(str)  # None, "xla", "cudnn".
+  # Deprecated name of pool_grid (it is a grid size, not a factor), unset unless given.
+  c.downsample = ml_collections.config_dict.placeholder(int)
   return c
+
+
+def resolve_model_config(config: ml_collections.ConfigDict) -> None:
+  """Moves a deprecated model field that was set onto its successor, with a warning (then
+  unsets it, so a second call does nothing)."""
+  m = config.model
+  if m.get("downsample") is not None:
+    logging.warning("model.downsample is deprecated: set model.pool_grid=%d", m.downsample)
+    m.pool_grid, m.downsample = m.downsample, None
 
 
 def resolve_attention_impl(requested: Optional[str], dtype: str) -> str:
