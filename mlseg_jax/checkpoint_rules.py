@@ -288,11 +288,6 @@ def gt_head_rules(n_layers: Blocks = 2, prefix: str = "decode_head.",
   ]
 
 
-def oce_rules(prefix: str = "backbone.", path: tuple[str, ...] = ("backbone",)) -> list[Rule]:
-  """OCE's class tokens in the reference's backbone (`with_cls_emb=True`)."""
-  return [Rule(f"{prefix}cls_emb", path + ("cls_emb",))]
-
-
 # ---------------------------------------------------------------------------------------
 # The reference's name of any one parameter (mmcv's paramwise rules match these names).
 

@@ -19,13 +19,13 @@ import time
 import warnings
 from typing import Callable, Optional
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from mlseg_jax import data as data_lib
 from mlseg_jax import distributed
 from mlseg_jax import metrics as metrics_lib
 from mlseg_jax.paths import absolute_path
@@ -68,7 +68,7 @@ def with_shardings(abstract, shardings):
 def save_checkpoint(mngr, state, data_iter=None, *, force=False):
   items = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    items["data"] = data_lib.checkpoint_args(data_iter)
   return mngr.save(int(state.step), args=ocp.args.Composite(**items), force=force)
 
 
@@ -80,7 +80,7 @@ def restore_checkpoint(mngr, state, shardings, data_iter=None, step=None):
   if data_iter is not None:
     data_state = _data_state_from_other_process_count(epath.Path(mngr.directory) / str(step))
     if data_state is None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = data_lib.checkpoint_args(data_iter, restore=True)
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
   if data_state is not None:
     data_iter.set_state(data_state)

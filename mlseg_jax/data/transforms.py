@@ -73,13 +73,6 @@ def resize_label(label: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
   return np.take(np.take(label, rows, axis=0), cols, axis=1)  # 2x faster than one 2-D index.
 
 
-def resize(image: np.ndarray, label: np.ndarray | None, scale: Sequence[int],
-           keep_ratio: bool = True):
-  """mmseg Resize with a fixed scale: image bilinear, label nearest."""
-  h, w = resized_shape(*image.shape[:2], scale, keep_ratio)
-  return resize_image(image, h, w), None if label is None else resize_label(label, h, w)
-
-
 # ---------------------------------------------------------------------------------------------
 # Crop, flip, pad.
 
@@ -117,13 +110,6 @@ def choose_crop_box(rng: np.random.Generator, label: np.ndarray, crop_size: Sequ
         break
       box = sample_crop_box(rng, label.shape, crop_size)
   return box
-
-
-def random_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                crop_size: Sequence[int], cat_max_ratio: float = 1.0,
-                ignore_label: int = IGNORE_LABEL):
-  y0, y1, x0, x1 = choose_crop_box(rng, label, crop_size, cat_max_ratio, ignore_label)
-  return image[y0:y1, x0:x1], label[y0:y1, x0:x1]
 
 
 def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
