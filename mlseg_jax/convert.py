@@ -28,14 +28,17 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+import safetensors
 import safetensors.numpy
-from absl import app, flags
+from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
+from mlseg_jax import errors
 from mlseg_jax import pretrained
 from mlseg_jax.checkpoint_rules import (AUGREG_DROPPED, MMSEG_DROPPED, TIMM_DROPPED, Rule,
                                         augreg_rules, mmcv_vit_rules, timm_vit_rules)
@@ -278,36 +281,90 @@ def _unwrap_state_dict(obj, path: str) -> dict:
   return state
 
 
-def read_checkpoint(path, *, trust_pickle: bool = False) -> dict:
-  """{key: array or torch.Tensor} of an `.npz`, `.safetensors` or torch `.pth` file.
+TORCH_INSTALL = ("pip install torch (the CPU build is enough: pip install torch "
+                 "--index-url https://download.pytorch.org/whl/cpu)")
 
-  torch is imported only for `.pth` (and for `.safetensors` in dtypes numpy lacks).
-  `.pth` files load with torch's `weights_only=True` unless `trust_pickle`: some mmengine
-  checkpoints keep Python objects in their `meta` and need it, for files you trust.
+
+def import_torch(purpose: str):
+  """torch, or a one-line error saying what needed it and how to install it."""
+  try:
+    import torch
+  except ImportError:
+    raise errors.UserError(f"{purpose} needs PyTorch, which is not installed: "
+                           f"{TORCH_INSTALL}") from None
+  return torch
+
+
+def sniff_format(head: bytes, zip_names: Sequence[str] = ()) -> str | None:
+  """What a checkpoint file really is, from its first bytes (and a zip's member names):
+  "npz", "torch" (zip or legacy pickle), "safetensors", or None."""
+  if head.startswith(b"PK\x03\x04"):
+    if zip_names and all(n.endswith(".npy") for n in zip_names):
+      return "npz"
+    if any(n.endswith("data.pkl") for n in zip_names):
+      return "torch"
+    return None
+  if head[:1] == b"\x80" and 2 <= head[1:2][0] <= 5:  # Pickle protocol 2..5: torch's legacy.
+    return "torch"
+  if len(head) >= 9:
+    header_len = int.from_bytes(head[:8], "little")
+    if head[8:9] == b"{" and 0 < header_len < 100_000_000:
+      return "safetensors"
+  return None
+
+
+def _file_kind(file: epath.Path) -> str:
+  with file.open("rb") as stream:
+    head = stream.read(16)
+  names = ()
+  if head.startswith(b"PK\x03\x04"):
+    with file.open("rb") as stream:
+      try:
+        names = zipfile.ZipFile(stream).namelist()
+      except zipfile.BadZipFile:
+        names = ()
+  kind = sniff_format(head, names)
+  if kind is None:
+    raise ConversionError(f"{file} is not a checkpoint: expected a PyTorch (.pth/.pt/.bin), "
+                          f"safetensors or numpy .npz file (it starts with {head[:8]!r})")
+  return kind
+
+
+def read_checkpoint(path, *, trust_pickle: bool = False) -> dict:
+  """{key: array or torch.Tensor} of a numpy `.npz`, `.safetensors` or PyTorch file.
+
+  The format is read from the file's first bytes, not its name. torch is imported only
+  for PyTorch files (and for `.safetensors` in dtypes numpy lacks). PyTorch files load
+  with torch's `weights_only=True` unless `trust_pickle`: some mmengine checkpoints keep
+  Python objects in their `meta` and need it, for files you trust.
   """
   file = epath.Path(path)
   path = os.fspath(path)
   if not file.is_file():
     raise FileNotFoundError(f"no checkpoint file {path}")
-  if path.endswith(".npz"):
+  kind = _file_kind(file)
+  if kind == "npz":
     with file.open("rb") as stream, np.load(stream, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
-  if path.endswith(".safetensors"):
+  if kind == "safetensors":
     data = file.read_bytes()
     try:
       return _unwrap_state_dict(safetensors.numpy.load(data), path)
     except (TypeError, ValueError):  # bfloat16 and friends: numpy has no such dtype.
-      from safetensors.torch import load as load_with_torch  # Imports torch.
+      import_torch(f"reading {path} (a safetensors file in a dtype numpy lacks)")
+      from safetensors.torch import load as load_with_torch
 
       return _unwrap_state_dict(load_with_torch(data), path)
-  import torch
-
+    except safetensors.SafetensorError as e:
+      raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
+  torch = import_torch(f"reading {path} (a PyTorch checkpoint)")
   try:
     with file.open("rb") as stream:
       obj = torch.load(stream, map_location="cpu", weights_only=not trust_pickle)
   except pickle.UnpicklingError as e:
-    raise ConversionError(f"{path}: torch.load(weights_only=True) refused it ({e}). If you "
-                          "trust the file, pass --trust_pickle") from e
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConversionError(f"{path}: torch.load(weights_only=True) refused it ({first}); "
+                          "if you trust the file, pass --trust_pickle") from None
   return _unwrap_state_dict(obj, path)
 
 
@@ -401,8 +458,7 @@ def export_torch(directory, output, model_config=None) -> dict:
   `model_config` defaults to the one recorded next to the checkpoint. Returns the state
   dict as numpy arrays.
   """
-  import torch
-
+  torch = import_torch(f"writing {output} (a PyTorch file)")
   info = pretrained.load_info(directory)
   if model_config is None:
     if "model" not in info:
@@ -437,27 +493,24 @@ def _define_flags():
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   config = f.config
   if config is not None and "model" not in config:
-    raise app.UsageError("--config must define `config.model` (a model config)")
+    raise errors.UsageError("--config must define `config.model` (a model config)")
   model_config = config.model if config is not None else None
   if f.to == "torch":
     if f.format:
-      raise app.UsageError("--to torch reads our own Orbax checkpoint: drop --format")
+      raise errors.UsageError("--to torch reads our own Orbax checkpoint: drop --format")
     if epath.Path(f.output).exists() and not f.overwrite:
-      raise app.UsageError(f"{f.output} exists; pass --overwrite to replace it")
+      raise errors.UsageError(f"{f.output} exists; pass --overwrite to replace it")
     state = export_torch(f.input, f.output, model_config)
     print(f"wrote {len(state)} tensors in the reference's names to {f.output}")
     return
   if not f.format or model_config is None:
-    raise app.UsageError("converting needs --format and --config")
-  try:
-    not_filled = convert_to_orbax(f.format, f.input, model_config, f.output,
-                                  trust_pickle=f.trust_pickle, overwrite=f.overwrite)
-  except (ConversionError, FileNotFoundError, FileExistsError) as e:
-    raise SystemExit(f"error: {e}") from None
+    raise errors.UsageError("converting needs --format and --config")
+  not_filled = convert_to_orbax(f.format, f.input, model_config, f.output,
+                                trust_pickle=f.trust_pickle, overwrite=f.overwrite)
   print(f"wrote {f.output} from {f.input} ({f.format})")
   if not_filled:
     print(f"{len(not_filled)} parameters are not in the checkpoint and keep their init "
@@ -471,7 +524,7 @@ def _run_cli() -> None:
   from mlseg_jax import convert
 
   convert._define_flags()
-  app.run(convert.main)
+  errors.run(convert.main, module="mlseg_jax.convert")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,15 @@ class CheckpointError(UserError, ValueError):
   """A checkpoint or converted-weights directory does not fit the config or is unreadable."""
 
 
+class UsageError(UserError):
+  """Flags that do not fit together (a missing --workdir, --to with --format, ...)."""
+
+
+# Raised by file access on a path the user gave, they are the user's too.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+
+
 def _wants_traceback(argv) -> bool:
   return (os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
           or any(a in ("--traceback", "-traceback", "--traceback=true") for a in argv))
@@ -142,7 +151,7 @@ def run(main: Callable, *, module: str | None = None) -> NoReturn:
 
   try:
     app.run(main, flags_parser=parse)
-  except UserError as e:
+  except (UserError, *PATH_ERRORS) as e:
     if show:
       raise
     fail(str(e))

@@ -7,10 +7,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from mlseg_jax import errors
 from mlseg_jax.models.vit import resize_pos_embed
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.CheckpointError):
   """A checkpoint that does not fit the model or format it was given for."""
 
 

@@ -347,6 +347,62 @@ def test_converting_safetensors_needs_no_torch(tmp_path):
   assert (tmp_path / "out" / pretrained.PARAMS_DIR).is_dir()
 
 
+def _one_line_error(run, *needles):
+  """A user mistake: exit code 2 and one `error:` line on stderr naming what is wrong."""
+  assert run.returncode == 2, run.stderr
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+
+
+def test_files_that_are_not_checkpoints_are_named_whatever_their_suffix(tmp_path):
+  (tmp_path / "notes.npz").write_text("a text file\n")
+  jpeg = next((REPO / "data" / "camvid_subset").rglob("*.jpg"))
+  (tmp_path / "photo.safetensors").write_bytes(jpeg.read_bytes())
+  for name in ("notes.npz", "photo.safetensors"):
+    run = _cli("--format", "timm", "--input", tmp_path / name, "--config",
+               "configs/quickstart.py", "--output", tmp_path / "out")
+    _one_line_error(run, f"{tmp_path / name} is not a checkpoint")
+  _one_line_error(_cli("--format", "timm", "--input", tmp_path / "missing.pth", "--config",
+                       "configs/quickstart.py", "--output", tmp_path / "out"),
+                  "no checkpoint file", "missing.pth")
+
+
+def test_the_format_is_read_from_the_file_not_its_name(tmp_path):
+  state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "torch.npz")
+  np.savez(tmp_path / "numpy.pth", **state)
+  _write_safetensors(tmp_path, state, "st.bin")
+  for name in ("torch.npz", "numpy.pth.npz", "st.bin"):
+    read = convert.read_checkpoint(tmp_path / name)
+    np.testing.assert_array_equal(np.asarray(read["a"]), state["a"], err_msg=name)
+
+
+def test_a_pytorch_file_without_torch_says_how_to_install_it(tmp_path):
+  torch.save({"a": torch.zeros(2)}, tmp_path / "w.pth")
+  script = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[:1] + "
+            "sys.argv[2:]; runpy.run_module('mlseg_jax.convert', run_name='__main__')")
+  for args in (["--format", "timm", "--input", tmp_path / "w.pth", "--config",
+                "configs/quickstart.py", "--output", tmp_path / "out"],
+               ["--to", "torch", "--input", tmp_path / "w", "--output", tmp_path / "w2.pth"]):
+    run = subprocess.run([sys.executable, "-c", script, "-", *map(str, args)], cwd=REPO,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                         text=True, timeout=300)
+    if "--to" in args:  # Fails on the missing directory first: also one line.
+      assert run.returncode == 2 and run.stderr.startswith("error: "), run.stderr
+      continue
+    _one_line_error(run, "needs PyTorch, which is not installed: pip install torch")
+
+
+def test_help_lists_the_converters_flags_and_exits_0():
+  run = _cli("--help")
+  assert run.returncode == 0, run.stderr
+  for flag in ("--format:", "--input:", "--output:", "--[no]trust_pickle:", "--to:",
+               "--[no]traceback:"):
+    assert flag in run.stdout, flag
+
+
 def _paper_model_configs():
   """One model config per distinct (backbone, head, OCE, pooling) among configs/*.py."""
   import importlib
