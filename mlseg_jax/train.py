@@ -196,6 +196,7 @@ class Progress:
   def __init__(self, workdir, total_steps, first_step, log_every, batch_size, is_main):
     self.total, self.log_every, self.batch_size = total_steps, log_every, batch_size
     self.is_main = is_main
+    self.counters = {}  # name -> (() -> number): host-side counts added to each log line.
     self.pending = []
     self.last_time, self.last_step = time.time(), first_step
     self.writer = None
@@ -224,6 +225,7 @@ class Progress:
     now = time.time()
     mean["images_per_s"] = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
     self.last_time, self.last_step = now, step
+    mean.update({name: float(count()) for name, count in self.counters.items()})
     if self.is_main:
       line = " ".join(f"{k}={v:.4g}" for k, v in sorted(mean.items()))
       logging.info("step %d/%d %s", step, self.total, line)
@@ -361,6 +363,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       from mlseg_jax import data as data_lib
 
       data_iter = data_lib.make_train_iterator(config.data, t.batch_size, t.seed)
+    reader = data_iter
     checkpointable_iter = data_iter if hasattr(data_iter, "get_state") else None
     to_device = functools.partial(global_batch, mesh=mesh)
     prefetcher = None
@@ -388,6 +391,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
     first = int(state.step)
     progress = Progress(workdir, total, first, t.log_every, t.batch_size, is_main)
+    if config.data.get("on_error", "raise") == "skip" and hasattr(reader, "skipped_records"):
+      # The bad records this process's pipeline left out so far (read-ahead included).
+      progress.counters["skipped_records"] = lambda: reader.skipped_records
     last_metrics = None
     saved_at = first if restored is not None else None
     step = first

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import PIL.Image
@@ -10,6 +11,7 @@ import scipy.io
 
 from mlseg_jax import IGNORE_LABEL
 from mlseg_jax import data
+from mlseg_jax import errors
 from mlseg_jax.data import classes
 from mlseg_jax.data import datasets
 from mlseg_jax.data import prepare
@@ -334,3 +336,73 @@ def test_label_tables_match_their_class_lists():
   for name, info in datasets.INFOS.items():
     assert len(info.class_names) == len(info.palette) == info.num_classes, name
   assert classes.voc_colormap(3) == ((0, 0, 0), (128, 0, 0), (0, 128, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image formats and files without a partner.
+
+# layout -> (image path less its suffix, label path, split) of record "x".
+_LAYOUT_FILES = {
+    "ade20k": ("ADEChallengeData2016/images/training/x",
+               "ADEChallengeData2016/annotations/training/x.png", "train"),
+    "coco_stuff10k": ("images/train2014/x", "annotations/train2014/x_labelTrainIds.png", "train"),
+    "pascal_context": ("VOC2010/JPEGImages/x", "VOC2010/SegmentationClassContext/x.png", "train"),
+    "ade20k_full": ("ADE20K_2021_17_01/images_detectron2/training/x",
+                    "ADE20K_2021_17_01/annotations_detectron2/training/x.tif", "train"),
+    "coco_lvis": ("images/train2017/x", "lvis_mask/train2017/x.png", "train"),
+    "camvid": ("images/train/x", "labels/train/x.png", "train"),
+}
+
+
+@pytest.mark.parametrize("name,suffix", [(name, ".png") for name in sorted(_LAYOUT_FILES)]
+                         + [("camvid", s) for s in (".jpeg", ".bmp", ".webp", ".TIF")])
+def test_every_layout_reads_images_of_any_format(tmp_path, name, suffix):
+  image, label, split = _LAYOUT_FILES[name]
+  rgb = _image(tmp_path / f"{image}{suffix}")
+  _label(tmp_path / label, _stored(values=(1, 2)).astype(np.uint8))
+  if name == "pascal_context":
+    (tmp_path / "VOC2010" / "ImageSets" / "SegmentationContext").mkdir(parents=True)
+    (tmp_path / "VOC2010" / "ImageSets" / "SegmentationContext" / "train.txt").write_text("x\n")
+  rec = data.get_dataset(_config(name, tmp_path), split)[0]
+  assert rec["name"] == "x" and rec["image"].shape == (12, 16, 3)
+  if suffix in (".png", ".bmp", ".TIF"):  # Lossless as PIL writes them.
+    np.testing.assert_array_equal(rec["image"], rgb)
+
+
+def test_a_missing_partner_names_the_suffixes_looked_for_and_a_file(tmp_path):
+  _camvid_like(tmp_path, n=3)
+  (tmp_path / "images" / "train" / "f0.jpg").unlink()
+  labels = tmp_path / "labels" / "train"
+  with pytest.raises(errors.DataError) as e:
+    data.get_dataset(_config("camvid", tmp_path), "train")
+  assert str(e.value) == (
+      f"{labels}: 1 label maps without an image in {tmp_path / 'images' / 'train'}, e.g. "
+      f"{labels / 'f0.png'}: no image {tmp_path / 'images' / 'train' / 'f0'}"
+      "{.jpg,.jpeg,.png,.bmp,.tif,.tiff,.webp}")
+  (labels / "f1.png").unlink()
+  (labels / "f2.png").unlink()
+  with pytest.raises(errors.DataError, match=re.escape(
+      f"{labels}: no label map for 2 images, e.g. {tmp_path / 'images' / 'train' / 'f1.jpg'}: "
+      f"no label map {labels / 'f1.png'}; also ['{tmp_path / 'images' / 'train' / 'f2.jpg'}']")):
+    data.get_dataset(_config("camvid", tmp_path), "train")
+
+
+def test_files_without_a_partner_can_be_left_out_and_listed(tmp_path):
+  _camvid_like(tmp_path, n=3)
+  (tmp_path / "labels" / "train" / "f1.png").unlink()
+  _image(tmp_path / "images" / "train" / "f0.png")  # A second image for f0.
+  ds = data.get_dataset(_config("camvid", tmp_path), "train", skip_unpaired=True)
+  assert [name for _, _, name in ds.pairs] == ["f0", "f2"]
+  assert [(pathlib.Path(f).name, why.split(": ", 1)[1]) for f, why in ds.unpaired] == [
+      ("f1.jpg", f"no label map {tmp_path / 'labels' / 'train' / 'f1.png'}"),
+      ("f0.png", f"a second image file for 'f0' (the first is "
+                 f"{tmp_path / 'images' / 'train' / 'f0.jpg'}); it is left out")]
+
+
+def test_on_error_is_raise_by_default_and_refuses_other_values():
+  config = data.default_config()
+  assert datasets.on_error_mode(config) == "raise"
+  config.on_error = "ignore"
+  with pytest.raises(errors.ConfigError, match=r"data.on_error='ignore' must be one of 'raise', "
+                                               r"'skip'"):
+    datasets.on_error_mode(config)

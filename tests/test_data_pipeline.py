@@ -216,3 +216,98 @@ def test_prefetched_grain_iterator_resumes_exactly_through_orbax(folder, tmp_pat
       if isinstance(fresh, DevicePrefetch):
         fresh.close()
   it.close()
+
+
+# ---------------------------------------------------------------------------------------
+# data.on_error = "skip".
+
+BAD = (2, 5)  # Records of `spoiled` that do not read.
+
+
+@pytest.fixture(scope="module")
+def spoiled(folder, tmp_path_factory):
+  """`folder` with a truncated image (record 2) and a label value out of range (record 5)."""
+  import shutil
+
+  root = tmp_path_factory.mktemp("spoiled")
+  shutil.copytree(folder, root, dirs_exist_ok=True)
+  image = root / "images" / "im2.png"
+  image.write_bytes(image.read_bytes()[:200])
+  PIL.Image.fromarray(np.full((24, 32), 200, np.uint8)).save(root / "labels" / "im5.png")
+  return root
+
+
+def _next_good(order, position):
+  """The record that position `position` of `order` holds when BAD records are skipped."""
+  while order[position] in BAD:
+    position += 1
+  return order[position]
+
+
+def test_skip_fills_a_bad_record_s_place_with_the_next_good_one(spoiled, tmp_path):
+  import shutil
+
+  import grain
+
+  # An image without its label map is left out too, rather than refused.
+  shutil.copytree(spoiled, tmp_path, dirs_exist_ok=True)
+  PIL.Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(tmp_path / "images" / "im9.png")
+  with pytest.raises(ValueError, match=r"im9\.png: no label map .*labels/im9\{\.png,"):
+    data.make_train_iterator(_config(tmp_path), 2, seed=3, process_index=0, process_count=1)
+  it = data.make_train_iterator(_config(tmp_path, on_error="skip"), 2, seed=3,
+                                process_index=0, process_count=1)
+  batches = _take(it, 12)  # Three epochs.
+  order = grain.MapDataset.range(NUM_IMAGES).shuffle(seed=0).repeat()
+  assert [i for b in batches for i in _ids(b)] == [_next_good(order, p) for p in range(24)]
+  assert it.skipped_records == sum(order[p] in BAD for p in range(24)) > 0
+  assert sorted(batches[0]) == ["image", "label"]
+
+
+def test_skip_resumes_exactly_and_worker_processes_agree(spoiled):
+  make = lambda **kw: data.make_train_iterator(_config(spoiled, on_error="skip", **kw), 2,
+                                               seed=3, process_index=0, process_count=1)
+  it = make()
+  _take(it, 5)
+  state = it.get_state()
+  expected = _take(it, 6)
+  resumed = make()
+  resumed.set_state(state)
+  _assert_same(_take(resumed, 6), expected)
+  workers = make(num_workers=2)  # Each process keeps its own list of the bad records.
+  try:
+    _assert_same(_take(workers, 11)[5:], expected)
+  finally:
+    workers.close()
+
+
+def test_raise_stops_at_the_first_bad_record_naming_it(spoiled):
+  it = data.make_train_iterator(_config(spoiled), 2, seed=3, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"im[25]\.png: (cannot read the image|label values "
+                                       r"\[200\] are out of range)"):
+    _take(it, NUM_IMAGES)
+  with pytest.raises(ValueError, match=r"data.on_error='drop' must be one of 'raise', 'skip'"):
+    data.make_train_iterator(_config(spoiled, on_error="drop"), 2, seed=3)
+
+
+def test_training_skips_bad_records_and_resumes_with_the_same_batches(tmp_path):
+  from test_data_check import copy_camvid
+  from test_train import tiny_train_config
+
+  from mlseg_jax import train
+
+  root = tmp_path / "camvid"
+  stems = copy_camvid(root, 10)
+  truncated = root / "images" / "train" / f"{stems[3]}.jpg"
+  truncated.write_bytes(truncated.read_bytes()[:5000])
+  label = root / "labels" / "train" / f"{stems[7]}.png"
+  PIL.Image.fromarray(np.full((360, 480), 30, np.uint8)).save(label)
+  config = tiny_train_config(total_steps=4, log_every=2, checkpoint_every=2)
+  config.data.root, config.data.on_error = str(root), "skip"
+  straight, metrics = train.train(config, tmp_path / "straight")
+  assert metrics["skipped_records"] > 0  # In the log line (4 steps of 8: 3.2 epochs).
+  train.train(config, tmp_path / "split", stop_after=2)
+  resumed, _ = train.train(config, tmp_path / "split")
+  assert int(resumed.step) == 4
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(straight.params)),
+                  jax.tree_util.tree_leaves(jax.device_get(resumed.params))):
+    np.testing.assert_array_equal(a, b)

@@ -12,13 +12,15 @@ Layouts (root = `config.root`; every path may be local or a GCS-style URL, read 
 - pascal_context: `[VOC2010/]JPEGImages/*.jpg`, `SegmentationClassContext/*.png`,
   `ImageSets/SegmentationContext/{train,val}.txt` (made by `prepare pascal_context`).
 - ade20k_full: `[ADE20K_2021_17_01/]images_detectron2/{training,validation}/*.jpg`,
-  `annotations_detectron2/.../*.tif` (MaskFormer's `prepare_ade20k_full_sem_seg.py`).
+  `annotations_detectron2/.../*.tif[f]` (MaskFormer's `prepare_ade20k_full_sem_seg.py`).
 - coco_lvis: `images/{train2017,val2017}/*.jpg`, `lvis_mask/{train2017,val2017}/*.png`
   (16-bit PNGs, 0 = unlabeled, 1..1284 = classes; the reference config's layout).
 - camvid: `images/{train,val}/*.jpg`, `labels/{train,val}/*.png` (uint8, 255 = void).
 - folder: `images/` + `labels/` with matching file stems, either flat or with one
   sub-folder per split (`images/<split>/`, `labels/<split>/`).
 - tfds: a TFDS dataset prepared in ArrayRecord format, read through `tfds.data_source`.
+Images may be in any format of IMAGE_SUFFIXES in every layout (`*.jpg` above is what the
+releases ship); a file without its partner is an error naming the file names looked for.
 Any of them packed by `prepare pack` is read with `config.format = "array_record"` and
 `config.root` = the pack folder.
 """
@@ -37,6 +39,7 @@ import numpy as np
 import PIL.Image
 
 from mlseg_jax import IGNORE_LABEL
+from mlseg_jax import errors
 from mlseg_jax.data import classes
 
 # Normalisation constants (RGB, 0..255 scale).
@@ -50,6 +53,12 @@ LABEL_SUFFIXES = (".png", ".tif", ".tiff")
 
 # A LUT entry for label values that are neither a class nor the ignore value.
 _INVALID = np.iinfo(np.int32).min
+
+# What `data.on_error` may say a bad training record does: stop the run, or be left out.
+ON_ERROR = ("raise", "skip")
+# What reading a bad record raises: the readers' DataError (a ValueError) naming the file,
+# or an I/O error from below them (ArrayRecord, TFDS).
+RECORD_ERRORS = (ValueError, OSError)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -77,6 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.read_threads = 2  # Threads per process.
   c.prefetch_buffer = 2  # Batches each worker (or the in-process reader) keeps ready.
   c.shuffle_seed = 0  # Data order; the seed given to make_train_iterator drives augmentation.
+  # A training record that does not read (or a file without its partner): "raise" stops the
+  # run naming the file; "skip" logs it once, counts it and trains on the next good record.
+  c.on_error = "raise"
   # `folder` and `tfds` only: the label conventions the files use.
   c.num_classes = 0
   c.ignore_value = 255
@@ -91,6 +103,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.tfds_image_key = "image"
   c.tfds_label_key = "segmentation_mask"
   return c
+
+
+def on_error_mode(config: ml_collections.ConfigDict) -> str:
+  """`config.on_error`, refused unless it is one of ON_ERROR."""
+  mode = config.get("on_error", "raise")
+  if mode not in ON_ERROR:
+    raise errors.ConfigError(f"data.on_error={mode!r} must be one of "
+                             f"{', '.join(repr(m) for m in ON_ERROR)}")
+  return mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +147,7 @@ def to_train_ids(stored: np.ndarray, spec: LabelSpec, source: str) -> np.ndarray
   if stored.ndim == 3 and stored.shape[-1] == 1:
     stored = stored[..., 0]
   if stored.ndim != 2:
-    raise ValueError(
+    raise errors.DataError(
         f"{source}: a label map must have one channel, got shape {stored.shape} "
         "(colour-coded label images are not supported)")
   if stored.dtype == np.bool_:
@@ -137,19 +158,27 @@ def to_train_ids(stored: np.ndarray, spec: LabelSpec, source: str) -> np.ndarray
     bits = stored.view(np.uint16)
   elif np.issubdtype(stored.dtype, np.integer):  # PIL's mode "I" for 16-bit PNGs.
     if stored.size and (stored.min() < -32768 or stored.max() > 65535):
-      raise ValueError(f"{source}: label values {stored.min()}..{stored.max()} do not fit "
-                       "in 16 bits")
+      raise errors.DataError(f"{source}: label values {stored.min()}..{stored.max()} do not "
+                             "fit in 16 bits")
     bits = stored.astype(np.uint16)
   else:
-    raise ValueError(f"{source}: label map has dtype {stored.dtype}; expected integer values")
+    raise errors.DataError(f"{source}: label map has dtype {stored.dtype}; expected integer "
+                           "values")
   ids = _train_id_table(spec)[bits]
   bad = ids == _INVALID
   if bad.any():
     values = np.unique(stored[bad])
-    raise ValueError(
+    raise errors.DataError(
         f"{source}: label values {values[:10].tolist()}{'...' if len(values) > 10 else ''} are "
         f"out of range; this dataset stores {spec.describe()} ({spec.num_classes} classes)")
   return ids
+
+
+def _decode_error(e: Exception, data: bytes) -> str:
+  """What PIL found wrong, without the BytesIO repr it names when it knows no format."""
+  if isinstance(e, PIL.UnidentifiedImageError):
+    return f"not a format PIL reads; the file starts with {data[:16]!r}"
+  return str(e)
 
 
 def decode_image(data: bytes, source: str) -> np.ndarray:
@@ -159,7 +188,7 @@ def decode_image(data: bytes, source: str) -> np.ndarray:
     with PIL.Image.open(io.BytesIO(data)) as im:
       return np.asarray(im.convert("RGB"))
   except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable files.
-    raise ValueError(f"{source}: cannot read the image ({e})") from e
+    raise errors.DataError(f"{source}: cannot read the image ({_decode_error(e, data)})") from e
 
 
 def decode_label(data: bytes, source: str) -> np.ndarray:
@@ -170,7 +199,8 @@ def decode_label(data: bytes, source: str) -> np.ndarray:
         raise ValueError(f"a label map must have one channel, got mode {im.mode}")
       return np.asarray(im)  # "P" gives the palette indices, which are the labels.
   except (OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f"{source}: cannot read the label map ({e})") from e
+    raise errors.DataError(
+        f"{source}: cannot read the label map ({_decode_error(e, data)})") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,10 +242,10 @@ def user_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   """DatasetInfo of a `folder` or `tfds` dataset, from the config's label fields."""
   n = int(config.num_classes)
   if n <= 0:
-    raise ValueError(f"config.num_classes must be set (> 0) for a {config.name} dataset")
+    raise errors.ConfigError(f"data.num_classes must be set (> 0) for a {config.name} dataset")
   names = tuple(config.class_names) or tuple(f"class_{i}" for i in range(n))
   if len(names) != n:
-    raise ValueError(f"config.class_names has {len(names)} names for {n} classes")
+    raise errors.ConfigError(f"data.class_names has {len(names)} names for {n} classes")
   return DatasetInfo(
       config.name, names, classes.voc_colormap(n),
       LabelSpec(n, bool(config.reduce_zero_label), int(config.ignore_value),
@@ -228,12 +258,16 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   if config.name in INFOS:
     return INFOS[config.name]
   if config.name not in DATASET_NAMES:
-    raise ValueError(f"unknown dataset {config.name!r}; known: {', '.join(DATASET_NAMES)}")
+    raise errors.ConfigError(f"unknown dataset {config.name!r}; known: "
+                             f"{', '.join(DATASET_NAMES)}")
   return user_info(config)
 
 
 class Dataset:
   """Random-access segmentation records; subclasses say where the bytes come from."""
+
+  # (file, why) of the files left out for want of a partner (`get_dataset(skip_unpaired=)`).
+  unpaired: Sequence[tuple[str, str]] = ()
 
   def __init__(self, info: DatasetInfo, split: str):
     self.info = info
@@ -255,7 +289,7 @@ class Dataset:
               label_source: str) -> dict[str, Any]:
     label = to_train_ids(stored, self.info.labels, label_source)
     if image.shape[:2] != label.shape:
-      raise ValueError(
+      raise errors.DataError(
           f"{image_source} is {image.shape[1]}x{image.shape[0]} (WxH) but its label map "
           f"{label_source} is {label.shape[1]}x{label.shape[0]}")
     return {"image": image, "label": label, "name": name}
@@ -264,9 +298,11 @@ class Dataset:
 class FileDataset(Dataset):
   """Image and label files side by side; `pairs` = [(image path, label path, name)]."""
 
-  def __init__(self, info: DatasetInfo, split: str, pairs: Sequence[tuple[str, str, str]]):
+  def __init__(self, info: DatasetInfo, split: str, pairs: Sequence[tuple[str, str, str]],
+               unpaired: Sequence[tuple[str, str]] = ()):
     super().__init__(info, split)
     self.pairs = list(pairs)
+    self.unpaired = list(unpaired)
 
   def __len__(self) -> int:
     return len(self.pairs)
@@ -286,7 +322,7 @@ def _read(path: str) -> bytes:
   try:
     return epath.Path(path).read_bytes()
   except (OSError, IOError) as e:
-    raise ValueError(f"{path}: cannot read the file ({e})") from e
+    raise errors.DataError(f"{path}: cannot read the file ({e})") from e
 
 
 class PackedDataset(Dataset):
@@ -297,12 +333,12 @@ class PackedDataset(Dataset):
     super().__init__(info, split)
     meta_path = root / f"{split}.json"
     if not meta_path.exists():
-      raise ValueError(f"{meta_path}: no packed split {split!r} here (written by "
-                       "`python -m mlseg_jax.data.prepare pack`)")
+      raise errors.DataError(f"{meta_path}: no packed split {split!r} here (written by "
+                             "`python -m mlseg_jax.data.prepare pack`)")
     meta = json.loads(meta_path.read_text())
     if meta["dataset"] != info.name:
-      raise ValueError(f"{meta_path}: packed from dataset {meta['dataset']!r}, but the config "
-                       f"names {info.name!r}")
+      raise errors.DataError(f"{meta_path}: packed from dataset {meta['dataset']!r}, but the "
+                             f"config names {info.name!r}")
     self.paths = [str(root / f) for f in meta["files"]]
     self._len = int(meta["num_records"])
     self._source = None
@@ -319,8 +355,8 @@ class PackedDataset(Dataset):
     if self._source is None:
       self._source = grain.sources.ArrayRecordDataSource(self.paths)
       if len(self._source) != self._len:
-        raise ValueError(f"{self.paths[0]}...: {len(self._source)} records, the metadata says "
-                         f"{self._len}")
+        raise errors.DataError(f"{self.paths[0]}...: {len(self._source)} records, the metadata "
+                               f"says {self._len}")
     rec = msgpack.unpackb(self._source[index])
     where = f"{rec['name']} (packed from {rec['image_file']})"
     return self._record(decode_image(rec["image"], where),
@@ -336,7 +372,7 @@ class TfdsDataset(Dataset):
                image_key: str, label_key: str):
     super().__init__(info, split)
     if tfds_name.split("/")[0].split(":")[0] == "scene_parse150":
-      raise ValueError(
+      raise errors.ConfigError(
           "TFDS scene_parse150 stores the Places Challenge 2017 *instance* masks (RGB PNGs whose "
           "red channel is one of 100 instance categories), not ADE20K's 150-class semantic "
           "labels: use name='ade20k' on ADEChallengeData2016 (optionally packed with "
@@ -348,8 +384,9 @@ class TfdsDataset(Dataset):
       self._source = tfds.data_source(tfds_name, split=split, data_dir=data_dir or None,
                                       download=False)
     except Exception as e:  # TFDS raises many types; all mean "not there".
-      raise ValueError(f"TFDS dataset {tfds_name!r} split {split!r} in "
-                       f"{data_dir or 'the default data_dir'}: cannot open it ({e})") from e
+      raise errors.DataError(f"TFDS dataset {tfds_name!r} split {split!r} in "
+                             f"{data_dir or 'the default data_dir'}: cannot open it ({e})"
+                             ) from e
 
   def __len__(self) -> int:
     return len(self._source)
@@ -359,7 +396,7 @@ class TfdsDataset(Dataset):
     source = f"tfds:{self.tfds_name}/{self.split}[{index}]"
     for key in (self.image_key, self.label_key):
       if key not in ex:
-        raise ValueError(f"{source}: no feature {key!r}; it has {sorted(ex)}")
+        raise errors.DataError(f"{source}: no feature {key!r}; it has {sorted(ex)}")
     name = ex.get("file_name", ex.get("image/filename", source))
     name = name.decode() if isinstance(name, bytes) else str(name)
     image = np.asarray(ex[self.image_key])
@@ -374,52 +411,90 @@ def _find_root(root: epath.Path, inner: str) -> epath.Path:
   return root / inner if (root / inner).is_dir() else root
 
 
-def _files_by_stem(folder: epath.Path, suffixes: Sequence[str], what: str) -> dict[str, str]:
-  """{stem: path} of the files in `folder` ending in one of `suffixes` (case-insensitive)."""
+def _files_by_stem(folder: epath.Path, suffixes: Sequence[str], what: str
+                   ) -> tuple[dict[str, str], list[tuple[str, str]]]:
+  """({stem: path}, [(path, why it is left out)]) of the files in `folder` ending in one of
+  `suffixes` (case-insensitive); a second file with a stem already taken is left out."""
   if not folder.is_dir():
-    raise ValueError(f"{folder}: the {what} folder does not exist")
-  found = {}
+    raise errors.DataError(f"{folder}: the {what} folder does not exist")
+  found, doubles = {}, []
   for p in sorted(folder.iterdir()):
     suffix = next((s for s in suffixes if p.name.lower().endswith(s.lower())), None)
     if suffix is not None:
       stem = p.name[: -len(suffix)]
       if stem in found:
-        raise ValueError(f"{folder}: two {what} files for {stem!r}: {found[stem]} and {p}")
-      found[stem] = str(p)
-  return found
+        doubles.append((str(p), f"{p}: a second {what} file for {stem!r} (the first is "
+                                 f"{found[stem]}); it is left out"))
+      else:
+        found[stem] = str(p)
+  return found, doubles
 
 
 def _some(items: Sequence[Any], n: int = 5) -> str:
   return f"{list(items[:n])}{' ...' if len(items) > n else ''}"
 
 
-def pair_files(image_dir: epath.Path, label_dir: epath.Path, *,
-               image_suffixes: Sequence[str] = (".jpg",),
-               label_suffixes: Sequence[str] = (".png",),
-               names: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
-  """[(image, label, name)] matched by file stem; errors name the files without a partner.
+def _looked_for(folder: epath.Path, stem: str, suffixes: Sequence[str]) -> str:
+  """The file names a partner was looked for under, shell-style: `dir/x{.jpg,.png}`."""
+  ends = suffixes[0] if len(suffixes) == 1 else "{" + ",".join(suffixes) + "}"
+  return f"{folder / stem}{ends}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairing:
+  """Image and label files matched by stem, and the files that found no partner."""
+  pairs: list[tuple[str, str, str]]  # (image, label, name)
+  unpaired: list[tuple[str, str]]  # (file, one line naming it and what is missing)
+  error: str  # What a strict reader raises about the unpaired files; "" when there are none.
+
+
+def match_files(image_dir: epath.Path, label_dir: epath.Path, *,
+                image_suffixes: Sequence[str] = IMAGE_SUFFIXES,
+                label_suffixes: Sequence[str] = (".png",),
+                names: Sequence[str] | None = None) -> Pairing:
+  """Pairs image and label files by stem and lists every file left without a partner.
 
   A label file's stem is its name less the matching entry of `label_suffixes`, so
   COCO-Stuff's `X_labelTrainIds.png` pairs with `X.jpg`. `names` (a split list) restricts
   and orders the pairs; without it, every image and every label must have a partner.
   """
-  images = _files_by_stem(image_dir, image_suffixes, "image")
-  labels = _files_by_stem(label_dir, label_suffixes, "label")
+  images, image_doubles = _files_by_stem(image_dir, image_suffixes, "image")
+  labels, label_doubles = _files_by_stem(label_dir, label_suffixes, "label")
   stems = list(names) if names is not None else sorted(images)
   no_image = [s for s in stems if s not in images]
-  if no_image:
-    raise ValueError(f"{image_dir}: no image file for {len(no_image)} names of the split list, "
-                     f"e.g. {_some(no_image)}")
-  no_label = [s for s in stems if s not in labels]
-  if no_label:
-    raise ValueError(f"{label_dir}: no label map ({label_suffixes[0]}) for {len(no_label)} "
-                     f"images, e.g. {_some([images[s] for s in no_label])}")
-  if names is None:
-    orphans = sorted(set(labels) - set(images))
-    if orphans:
-      raise ValueError(f"{label_dir}: {len(orphans)} label maps without an image in "
-                       f"{image_dir}, e.g. {_some([labels[s] for s in orphans])}")
-  return [(images[s], labels[s], s) for s in stems]
+  no_label = [s for s in stems if s in images and s not in labels]
+  orphans = sorted(set(labels) - set(images)) if names is None else []
+  # (message about them all, [(file, its line)]) for each kind of problem.
+  problems = [
+      (f"{image_dir}: no image file for {len(no_image)} names of the split list",
+       [(_looked_for(image_dir, s, image_suffixes),
+         f"{_looked_for(image_dir, s, image_suffixes)}: named in the split list, but no "
+         "such image file") for s in no_image]),
+      (f"{label_dir}: no label map for {len(no_label)} images",
+       [(images[s], f"{images[s]}: no label map "
+                    f"{_looked_for(label_dir, s, label_suffixes)}") for s in no_label]),
+      (f"{label_dir}: {len(orphans)} label maps without an image in {image_dir}",
+       [(labels[s], f"{labels[s]}: no image {_looked_for(image_dir, s, image_suffixes)}")
+        for s in orphans]),
+      (f"{image_dir}: {len(image_doubles)} image files share a name with another",
+       image_doubles),
+      (f"{label_dir}: {len(label_doubles)} label files share a name with another",
+       label_doubles),
+  ]
+  unpaired = [item for _, items in problems for item in items]
+  error = next((f"{message}, e.g. {items[0][1]}"
+                + (f"; also {_some([f for f, _ in items[1:]], 4)}" if len(items) > 1 else "")
+                for message, items in problems if items), "")
+  pairs = [(images[s], labels[s], s) for s in stems if s in images and s in labels]
+  return Pairing(pairs, unpaired, error)
+
+
+def pair_files(image_dir: epath.Path, label_dir: epath.Path, **kw) -> list[tuple[str, str, str]]:
+  """[(image, label, name)] of `match_files`; raises naming the files without a partner."""
+  pairing = match_files(image_dir, label_dir, **kw)
+  if pairing.error:
+    raise errors.DataError(pairing.error)
+  return pairing.pairs
 
 
 # Split names each layout uses, and the usual aliases for them.
@@ -433,35 +508,38 @@ _SPLIT_ALIASES = {
 }
 
 
-def _layout_pairs(name: str, root: epath.Path, split: str) -> list[tuple[str, str, str]]:
+def _layout_pairs(name: str, root: epath.Path, split: str) -> Pairing:
+  # Images in any format PIL reads wherever the layout does not fix one; label suffixes
+  # are part of each layout (COCO-Stuff's "_labelTrainIds.png" says which PNGs are labels).
   if name == "ade20k":
     root = _find_root(root, "ADEChallengeData2016")
-    return pair_files(root / "images" / split, root / "annotations" / split)
+    return match_files(root / "images" / split, root / "annotations" / split)
   if name == "coco_stuff10k":
-    return pair_files(root / "images" / split, root / "annotations" / split,
-                      label_suffixes=("_labelTrainIds.png",))
+    return match_files(root / "images" / split, root / "annotations" / split,
+                       label_suffixes=("_labelTrainIds.png",))
   if name == "pascal_context":
     root = _find_root(root, "VOC2010")
     split_file = root / "ImageSets" / "SegmentationContext" / f"{split}.txt"
     if not split_file.exists():
-      raise ValueError(f"{split_file}: split list not found (written by "
-                       "`python -m mlseg_jax.data.prepare pascal_context`)")
+      raise errors.DataError(f"{split_file}: split list not found (written by "
+                             "`python -m mlseg_jax.data.prepare pascal_context`)")
     names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
-    return pair_files(root / "JPEGImages", root / "SegmentationClassContext", names=names)
+    return match_files(root / "JPEGImages", root / "SegmentationClassContext", names=names)
   if name == "ade20k_full":
     root = _find_root(root, "ADE20K_2021_17_01")
-    return pair_files(root / "images_detectron2" / split, root / "annotations_detectron2" / split,
-                      label_suffixes=(".tif",))
+    return match_files(root / "images_detectron2" / split,
+                       root / "annotations_detectron2" / split,
+                       label_suffixes=(".tif", ".tiff"))
   if name == "coco_lvis":
-    return pair_files(root / "images" / split, root / "lvis_mask" / split)
+    return match_files(root / "images" / split, root / "lvis_mask" / split)
   if name == "camvid":
-    return pair_files(root / "images" / split, root / "labels" / split)
+    return match_files(root / "images" / split, root / "labels" / split)
   if name == "folder":
     images, labels = root / "images", root / "labels"
     if split and (images / split).is_dir():
       images, labels = images / split, labels / split
-    return pair_files(images, labels, image_suffixes=IMAGE_SUFFIXES, label_suffixes=LABEL_SUFFIXES)
-  raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+    return match_files(images, labels, label_suffixes=LABEL_SUFFIXES)
+  raise errors.ConfigError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
 
 
 def resolve_split(config: ml_collections.ConfigDict, split: str) -> str:
@@ -471,22 +549,31 @@ def resolve_split(config: ml_collections.ConfigDict, split: str) -> str:
   return _SPLIT_ALIASES.get(config.name, {}).get(split, split)
 
 
-def get_dataset(config: ml_collections.ConfigDict, split: str) -> Dataset:
-  """The dataset `config.name` at `config.root`, split `split` ("train", "val" or its own name)."""
+def get_dataset(config: ml_collections.ConfigDict, split: str, *,
+                skip_unpaired: bool = False) -> Dataset:
+  """The dataset `config.name` at `config.root`, split `split` ("train", "val" or its own name).
+
+  An image without its label map (or a label map without its image) is an error naming it;
+  with `skip_unpaired` it is left out and listed in the dataset's `unpaired`.
+  """
   name = config.name
   info = dataset_info(config)  # Refuses unknown names.
   split = resolve_split(config, split)
+  fmt = config.get("format", "files")
   if name == "tfds":
     if not config.tfds_name:
-      raise ValueError("config.tfds_name must name the TFDS dataset for name='tfds'")
+      raise errors.ConfigError("data.tfds_name must name the TFDS dataset for name='tfds'")
     ds = TfdsDataset(info, split, config.tfds_name, config.tfds_data_dir,
                      config.tfds_image_key, config.tfds_label_key)
-  elif config.get("format", "files") == "array_record":
+  elif fmt == "array_record":
     ds = PackedDataset(info, split, epath.Path(config.root))
-  elif config.get("format", "files") == "files":
-    ds = FileDataset(info, split, _layout_pairs(name, epath.Path(config.root), split))
+  elif fmt == "files":
+    pairing = _layout_pairs(name, epath.Path(config.root), split)
+    if pairing.error and not skip_unpaired:
+      raise errors.DataError(pairing.error)
+    ds = FileDataset(info, split, pairing.pairs, pairing.unpaired)
   else:
-    raise ValueError(f"config.format must be 'files' or 'array_record', got {config.format!r}")
-  if len(ds) == 0:
-    raise ValueError(f"{config.root}: split {split!r} of {name} is empty")
+    raise errors.ConfigError(f"data.format must be 'files' or 'array_record', got {fmt!r}")
+  if len(ds) == 0 and not ds.unpaired:
+    raise errors.DataError(f"{config.root}: split {split!r} of {name} is empty")
   return ds

@@ -6,11 +6,20 @@ p, p + P, p + 2P, ... of it. So each host reads only its records, one global bat
 the same B consecutive positions whatever the number of hosts, and a host's position, hence
 its whole batch, can be recomputed from the iterator state alone: that state (a few integers)
 is what `checkpoint_args` saves with the model.
+
+With `data.on_error = "skip"` a record that does not read (a corrupt image, a label map of
+the wrong size or with values out of range) is logged once per process and replaced by the
+record of the next position whose record reads: what a position holds is still a function
+of the position alone, so the state stays the same few integers and a resumed run sees the
+same batches. Each batch counts the positions it replaced; the iterator adds them up in
+`skipped_records` (this process's, since it was made) and drops the count from the batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 from typing import Any
 
 from absl import flags
@@ -20,6 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mlseg_jax import errors
 from mlseg_jax.data import datasets
 from mlseg_jax.data import transforms
 
@@ -60,6 +70,74 @@ def train_transform(config: ml_collections.ConfigDict,
       mean=dataset.mean, std=dataset.std)
 
 
+class _ReadRecord:
+  """(position, record index) -> the record, with "skipped": 1 where it stands in for a bad
+  one. With `skip`, a record that does not read gives way to the record of the next
+  position of `order` that does: a function of the position, whichever process or thread
+  reads it (the records known to be bad only save reading them again)."""
+
+  def __init__(self, dataset: datasets.Dataset, order: grain.MapDataset, skip: bool):
+    self.dataset, self.order, self.skip = dataset, order, skip
+    self._bad, self._lock = {}, threading.Lock()  # This process's bad records: index -> why.
+
+  def __getstate__(self):  # Worker processes start with their own.
+    return {**self.__dict__, "_bad": {}, "_lock": None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
+
+  def __call__(self, position: int, index: int) -> dict[str, Any]:
+    if not self.skip:
+      return dict(self.dataset[index], skipped=np.int32(0))
+    for offset in range(2 * len(self.dataset)):  # Two epochs' worth hold one whole epoch.
+      if offset:
+        index = self.order[position + offset]
+      if index in self._bad:
+        continue
+      try:
+        return dict(self.dataset[index], skipped=np.int32(offset > 0))
+      except datasets.RECORD_ERRORS as e:
+        self._note_bad(index, e)
+    raise errors.DataError(f"none of the {len(self.dataset)} training records reads, e.g. "
+                           f"{next(iter(self._bad.values()))}")
+
+  def _note_bad(self, index: int, error: BaseException) -> None:
+    with self._lock:
+      if index in self._bad:
+        return
+      self._bad[index] = str(error)
+    logging.warning("data.on_error='skip': leaving out a bad training record: %s", error)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Augment:
+  """The training transform, keeping the record's "skipped" mark for the batch."""
+  transform: transforms.TrainTransform
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    return dict(self.transform(record, rng), skipped=record["skipped"])
+
+
+class _CountSkipped(grain.DatasetIterator):
+  """Batches without their "skipped" field, which `skipped_records` adds up; the state is
+  the wrapped iterator's own."""
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    self.skipped_records = 0
+
+  def __next__(self):
+    batch = next(self._parent)
+    self.skipped_records += int(np.sum(batch.pop("skipped")))
+    return batch
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
 def make_train_iterator(config: ml_collections.ConfigDict, global_batch_size: int, seed: int,
                         process_index: int | None = None,
                         process_count: int | None = None) -> grain.DatasetIterator:
@@ -67,20 +145,27 @@ def make_train_iterator(config: ml_collections.ConfigDict, global_batch_size: in
   normalised, "label": int32 (b, crop_h, crop_w)}, b = global_batch_size / process_count.
 
   `config.shuffle_seed` fixes the data order, `seed` the augmentations. The iterator's
-  get_state()/set_state() (or `checkpoint_args`) resume it exactly.
+  get_state()/set_state() (or `checkpoint_args`) resume it exactly. `config.on_error`:
+  "raise" stops at a bad record, "skip" leaves it out (the module's docstring); the
+  iterator's `skipped_records` counts those left out.
   """
   index, count = _process(process_index, process_count)
   if global_batch_size % count:
     raise ValueError(f"global batch {global_batch_size} does not split over {count} processes")
-  dataset = datasets.get_dataset(config, "train")
-  augment = train_transform(config, dataset)
-  ds = (grain.MapDataset.source(dataset)
-        .shuffle(seed=int(config.shuffle_seed))
-        .repeat()
-        .random_map(augment, seed=int(seed))
+  skip = datasets.on_error_mode(config) == "skip"
+  dataset = datasets.get_dataset(config, "train", skip_unpaired=skip)
+  for _, why in dataset.unpaired:
+    logging.warning("data.on_error='skip': leaving out a file without its partner: %s", why)
+  if len(dataset) == 0:
+    raise errors.DataError(f"{config.root}: no training image has its label map "
+                           f"({len(dataset.unpaired)} files without a partner)")
+  order = grain.MapDataset.range(len(dataset)).shuffle(seed=int(config.shuffle_seed)).repeat()
+  ds = (order  # Position -> record index: the same order as shuffling the records.
+        .map_with_index(_ReadRecord(dataset, order, skip))
+        .random_map(_Augment(train_transform(config, dataset)), seed=int(seed))
         [index::count]
         .batch(global_batch_size // count, drop_remainder=True))
-  return iter(_to_iter(ds, config))
+  return _CountSkipped(iter(_to_iter(ds, config)))
 
 
 def make_global_batch(local_batch: Any, sharding: jax.sharding.Sharding) -> Any:
