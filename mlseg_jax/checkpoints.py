@@ -27,6 +27,7 @@ from etils import epath
 
 from mlseg_jax import data as data_lib
 from mlseg_jax import distributed
+from mlseg_jax import errors
 from mlseg_jax import metrics as metrics_lib
 from mlseg_jax.paths import absolute_path
 
@@ -72,9 +73,42 @@ def save_checkpoint(mngr, state, data_iter=None, *, force=False):
   return mngr.save(int(state.step), args=ocp.args.Composite(**items), force=force)
 
 
+def check_shapes(mngr, step: int, target, what: str = "state") -> None:
+  """Raises `errors.CheckpointError` naming every parameter whose stored shape differs from
+  the model's (or that only one of them has): a config that is not the run's, which must
+  not be mistaken for a damaged checkpoint."""
+  stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(mngr.directory) / str(step) / what)
+  stored, wanted = _shapes(getattr(stored, "tree", stored)), _shapes(target)
+  if what == "state":
+    stored = {k: v for k, v in stored.items() if k[0] == "params"}
+    wanted = {k: v for k, v in wanted.items() if k[0] == "params"}
+  problems = []
+  for key in sorted(set(stored) | set(wanted)):
+    name = "/".join(key[1:] if key[0] == "params" else key)
+    if key not in stored:
+      problems.append(f"{name}: not in the checkpoint, model {wanted[key]}")
+    elif key not in wanted:
+      problems.append(f"{name}: checkpoint {stored[key]}, not in the model")
+    elif stored[key] != wanted[key]:
+      problems.append(f"{name}: checkpoint {stored[key]}, model {wanted[key]}")
+  if problems:
+    more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+    raise errors.CheckpointError(
+        f"{mngr.directory}/{step} was written for another model than the config's: "
+        + "; ".join(problems[:8]) + more)
+
+
+def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{path: shape} of a state, a parameter tree or Orbax's metadata of one."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path):
+          tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
 def restore_checkpoint(mngr, state, shardings, data_iter=None, step=None):
   """Restores onto `shardings`, whatever mesh and number of processes wrote it."""
   step = mngr.latest_step() if step is None else step
+  check_shapes(mngr, step, state)
   items = {"state": ocp.args.StandardRestore(with_shardings(state, shardings))}
   data_state = None
   if data_iter is not None:
@@ -127,6 +161,7 @@ def restore_params(mngr, params, shardings):
   past a damaged step as `restore_latest` does."""
 
   def read(step):
+    check_shapes(mngr, step, {"params": params})
     target = {"params": with_shardings(params, shardings)}
     state = ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -146,6 +181,8 @@ def _newest_that_reads_back(mngr, read: Callable[[int], object]):
         if not metadata.exists():  # Orbax's own error would be about pytree structure.
           raise FileNotFoundError(f"{metadata} is missing")
         restored = read(step)
+      except errors.CheckpointError:
+        raise  # Readable, but not this model's: the config is wrong, not the checkpoint.
       except Exception as e:  # noqa: BLE001  (whatever the damage, try the previous step)
         error = e
         _drop_abandoned_read_errors()

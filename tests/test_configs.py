@@ -156,3 +156,31 @@ def test_the_deprecated_downsample_field_sets_pool_grid_once():
   c.model.pool_grid = 8
   validate_config(c, num_devices=8)  # Nothing left to move.
   assert c.model.pool_grid == 8
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.crop_size", (128,), "data.crop_size=(128,) must be two positive integers (h, w)"),
+    ("data.test_scale", (512,), "data.test_scale=(512,) must be two positive integers"),
+    ("train.batch_size", 0, "train.batch_size=0 must be a positive integer"),
+    ("train.batch_size", -2, "train.batch_size=-2 must be a positive integer"),
+    ("train.checkpoint_every", 0, "train.checkpoint_every=0 must be a positive integer"),
+    ("train.eval_every", 0, "train.eval_every=0 must be a positive integer"),
+    ("data.num_workers", -1, "data.num_workers=-1 must be 0 or a positive integer"),
+    ("data.mean", (0.0, 0.0, 0.0), "data.mean=(0.0, 0.0, 0.0) is read only by the folder and "
+                                   "tfds readers; dataset 'camvid' has its own"),
+    ("data.reduce_zero_label", True, "data.reduce_zero_label=True is read only by the folder"),
+    ("data.tfds_name", "ade", "data.tfds_name='ade' is read only when data.name='tfds'"),
+    ("eval.mode", "whole", "eval.mode='whole': only ('slide',)"),
+    ("data.on_error", "drop", "data.on_error='drop' must be one of 'raise', 'skip'"),
+    ("eval.scales", (), "eval.scales=() must be positive ratios"),
+])
+def test_config_mistakes_name_the_field_and_what_is_expected(field, value, message):
+  from mlseg_jax.errors import ConfigError
+
+  c = _load("quickstart")
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ConfigError) as raised:
+    validate_config(c, num_devices=8)
+  assert message in str(raised.value), str(raised.value)
+  assert len(str(raised.value).splitlines()) == 2  # "invalid config:" and this one.

@@ -37,6 +37,14 @@ def test_quickstart_trains_evaluates_and_predicts(tmp_path):
   assert (workdir / "eval" / "step_3_ss.json").is_file()
   assert list((workdir / "tensorboard").iterdir())
 
+  # The run's own config when --config is left out; a different model is refused by field.
+  out = _main("--mode", "eval", "--workdir", str(workdir))
+  assert "using the config of the run in" in out.stderr
+  wrong = _main("--config", "configs/quickstart.py", "--workdir", str(workdir), "--mode",
+                "eval", "--config.model.topk=5", check=False)
+  _assert_user_error(wrong, "model.backbone_depth: 6 here, 2 in",
+                     "model.topk: 5 here, 6 in")
+
   out = _main(*config, "--mode", "eval", "--config.eval.multi_scale=True",
               "--config.eval.scales=(0.75,1.0)")
   results = json.loads((workdir / "eval" / "ms_flip.json").read_text())
@@ -52,6 +60,41 @@ def test_quickstart_trains_evaluates_and_predicts(tmp_path):
   assert any("overlay" in p for p in pictures) and any("mask" in p for p in pictures)
   mask = [p for p in (tmp_path / "pred").iterdir() if "mask" in p.name][0]
   assert Image.open(mask).size == Image.open(one).size
+
+
+def _assert_user_error(proc, *needles):
+  """A user mistake: exit code 2, a short `error:` message naming it, no traceback."""
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if not line.startswith(("I", "W"))]
+  assert errors and errors[0].startswith("error: "), proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and len(errors) <= 6, proc.stderr[-3000:]
+  for needle in needles:
+    assert needle in proc.stderr, (needle, proc.stderr[-3000:])
+
+
+def test_command_line_mistakes_get_one_clear_line(tmp_path):
+  base = ["--config", "configs/quickstart.py", "--workdir", str(tmp_path)]
+  _assert_user_error(_main(*base, "--config.train.batchsize=4", check=False),
+                     "error: config.train.batchsize is not a config field; did you mean "
+                     "config.train.batch_size?")
+  _assert_user_error(_main(*base, "--config.data.crop_size=128", check=False),
+                     "data.crop_size=(128,) must be two positive integers (h, w)")
+  _assert_user_error(_main("--config", "configs/nothere.py", "--workdir", str(tmp_path),
+                           check=False), "No such file or directory: 'configs/nothere.py'")
+  _assert_user_error(_main("--config", "configs/quickstart.py:bogus", check=False),
+                     "config argument 'bogus' is not one of ['runlocal']")
+  _assert_user_error(_main("--mode", "eval", "--workdir", str(tmp_path), check=False),
+                     "--config is required (or a --workdir holding config.json)")
+  shown = _main(*base, "--config.train.batch_size=0", "--traceback", check=False)
+  assert shown.returncode != 0 and "Traceback" in shown.stderr  # What --traceback is for.
+
+
+def test_help_lists_the_entry_points_flags_and_exits_0():
+  proc = _main("--help")
+  assert proc.returncode == 0, proc.stderr
+  for flag in ("--config:", "--workdir:", "--mode:", "--images:", "--output:",
+               "--[no]traceback:"):
+    assert flag in proc.stdout, flag
 
 
 def test_bad_overrides_are_refused(tmp_path):

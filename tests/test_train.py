@@ -294,3 +294,18 @@ def test_the_compiled_step_reports_its_flops_and_memory():
   # Per device: 1 crop at batch 8, 2 at batch 16 (plus the batch-independent update).
   ratio = float(double.split(" GFLOP")[0]) / float(line.split(" GFLOP")[0])
   assert 1.7 < ratio < 2.1, (line, double)
+
+
+def test_resuming_with_another_model_names_the_parameters_and_keeps_the_checkpoint(tmp_path):
+  from mlseg_jax import errors
+
+  config = tiny_train_config("mlseg", total_steps=2, checkpoint_every=2)
+  train.train(config, tmp_path, data_iter=random_batches())
+  other = tiny_train_config("mlseg", total_steps=4, checkpoint_every=2)
+  other.model.topk = 3  # The run's k is 4: MLSeg's mask norm is over k rank slots.
+  with pytest.raises(errors.CheckpointError,
+                     match=r"checkpoints/2 was written for another model than the config's: "
+                           r"decode_head/mask_norm/bias: checkpoint \(4,\), model \(3,\)"):
+    train.train(other, tmp_path, data_iter=random_batches())
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+  assert not (tmp_path / "damaged_checkpoints").exists()

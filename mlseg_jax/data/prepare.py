@@ -20,6 +20,7 @@ import collections
 import io
 import json
 import math
+import os
 import sys
 from typing import Iterable, Sequence
 
@@ -27,6 +28,7 @@ from etils import epath
 import numpy as np
 import PIL.Image
 
+from mlseg_jax import errors
 from mlseg_jax.data import datasets
 
 # ---------------------------------------------------------------------------------------------
@@ -277,4 +279,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  try:
+    main(sys.argv[1:])
+  except (errors.UserError, *errors.PATH_ERRORS) as e:
+    if errors.TRACEBACK_ENV in os.environ:
+      raise
+    errors.fail(str(e))
