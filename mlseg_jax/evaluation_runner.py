@@ -20,6 +20,7 @@ from etils import epath
 from mlseg_jax import checkpoints
 from mlseg_jax import data as data_lib
 from mlseg_jax import distributed
+from mlseg_jax import errors
 from mlseg_jax import evaluators as evaluators_lib
 from mlseg_jax import metrics as metrics_lib
 from mlseg_jax import sharding as sharding_lib
@@ -89,14 +90,14 @@ def predict(config, workdir, images, output):
   """`--mode predict`: pictures of `images` with the test passes of the first evaluator of
   `eval.run`."""
   if decoder_spec(config.model).needs_labels:
-    raise NotImplementedError(
+    raise errors.ConfigError(
         "the +GT oracle (model.decoder='mlseg_gt') takes each image's class set from its "
         "labels: predict on unlabelled images is not possible; use --mode eval")
   from mlseg_jax import predict as predict_lib
 
   problems = evaluators_lib.resolve_eval_config(config)
   if problems:
-    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    raise errors.ConfigError("invalid config:\n  " + "\n  ".join(problems))
   mesh = sharding_lib.make_mesh(config.mesh)
   params, source = load_params_for_eval(config, workdir, mesh)
   dataset = data_lib.dataset_info(config.data)
@@ -108,5 +109,12 @@ def predict(config, workdir, images, output):
       output, settings, palette=dataset.palette, class_names=dataset.class_names, topk=topk,
       mesh=mesh, data_axis=sharding_lib.BATCH_AXES,
       windows_per_call=config.eval.windows_per_call)
-  logging.info("predicted %d images with %s into %s", len(written), source, output)
+  failed = [w for w in written if "error" in w]
+  logging.info("predicted %d images with %s into %s", len(written) - len(failed), source,
+               output)
+  if failed:
+    raise errors.DataError(
+        f"{len(failed)} of {len(written)} images could not be read (the pictures of the "
+        f"others are in {output}): " + "; ".join(w["error"] for w in failed[:5])
+        + ("; ..." if len(failed) > 5 else ""))
   return written

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 from PIL import Image
 
@@ -44,13 +45,22 @@ def find_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
   return found
 
 
+# A file that does not decode still goes through the sliding window (every process keeps the
+# same batches), as a black image of its header's size, or this one when it has none.
+_PLACEHOLDER_HW = (32, 32)
+
+
 class _ImageFiles:
   """Random-access records {"image", "name"} read from image files on demand; a record read
-  stays until `release(i)`, so the pictures are drawn without decoding the file again."""
+  stays until `release(i)`, so the pictures are drawn without decoding the file again.
+
+  An image that does not read is recorded in `failed` (index -> reason) and stands in as a
+  black placeholder, so the other images are still predicted."""
 
   def __init__(self, files: Sequence[epath.Path]):
     self.files = list(files)
     self._held: dict[int, dict[str, Any]] = {}
+    self.failed: dict[int, str] = {}
 
   def __len__(self):
     return len(self.files)
@@ -65,11 +75,14 @@ class _ImageFiles:
 
   def _read(self, i: int) -> dict[str, Any]:
     path = self.files[i]
+    hw = _PLACEHOLDER_HW
     try:
       with Image.open(io.BytesIO(path.read_bytes())) as im:
+        hw = (im.height, im.width)
         image = np.asarray(im.convert("RGB"), np.uint8)
-    except OSError as e:
-      raise ValueError(f"{path}: cannot read the image ({e})") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+      self.failed[i] = f"{path}: cannot read the image ({e})"
+      image = np.zeros(hw + (3,), np.uint8)
     return {"image": image, "name": str(path)}
 
 
@@ -110,7 +123,8 @@ def predict_images(logits_fn: Callable[[jax.Array], Any],
 
   `logits_fn` and `settings` are as for `evaluate.segment`; `topk` (the model's k) is
   needed for MLSeg models, whose `logits_fn` returns image logits. With several processes,
-  each writes the pictures of its share of the images.
+  each writes the pictures of its share of the images. An image that does not read is
+  logged and returned as {"image", "error"}, with nothing written for it.
   """
   num_classes = len(class_names)
   palette = _checked_palette(palette, num_classes)
@@ -128,6 +142,11 @@ def predict_images(logits_fn: Callable[[jax.Array], Any],
                           keep_predictions=True):
     for result in batch.images:
       image = records.release(result.index)["image"]
+      if result.index in records.failed:
+        logging.warning("%s; no pictures for it", records.failed[result.index])
+        written.append({"image": str(files[result.index]),
+                        "error": records.failed[result.index]})
+        continue
       stem = stems[result.index]
       mask = colorize(result.prediction, palette)
       out = {"image": str(files[result.index]),

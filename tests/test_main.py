@@ -61,6 +61,17 @@ def test_quickstart_trains_evaluates_and_predicts(tmp_path):
   mask = [p for p in (tmp_path / "pred").iterdir() if "mask" in p.name][0]
   assert Image.open(mask).size == Image.open(one).size
 
+  # A folder with a bad file: the good image's pictures are written, the exit code says not all.
+  folder = tmp_path / "mixed"
+  folder.mkdir()
+  (folder / one.name).write_bytes(one.read_bytes())
+  (folder / "broken.jpg").write_bytes(one.read_bytes()[:300])
+  proc = _main(*config, "--mode", "predict", "--images", str(folder), "--output",
+               str(tmp_path / "mixed_out"), check=False)
+  _assert_user_error(proc, "1 of 2 images could not be read", "broken.jpg")
+  assert {p.name for p in (tmp_path / "mixed_out").iterdir()} == {
+      f"{one.stem}_mask.png", f"{one.stem}_overlay.png", f"{one.stem}_classes.json"}
+
 
 def _assert_user_error(proc, *needles):
   """A user mistake: exit code 2, a short `error:` message naming it, no traceback."""

@@ -114,3 +114,18 @@ def test_predict_needs_topk_for_mlseg_and_rejects_bad_inputs(image_dir, tmp_path
   with pytest.raises(ValueError, match="no image files"):
     predict.predict_images(colour_model(), tmp_path / "empty", tmp_path / "o", SETTINGS,
                            palette=PALETTE, **kw)
+
+
+def test_an_image_that_does_not_read_is_reported_and_the_others_are_written(image_dir,
+                                                                           tmp_path):
+  good = (image_dir / "wide.png").read_bytes()
+  (image_dir / "cut.png").write_bytes(good[: len(good) // 2])  # Truncated: header intact.
+  (image_dir / "text.jpg").write_text("not an image at all")
+  written = predict.predict_images(colour_model(), image_dir, tmp_path / "out", SETTINGS,
+                                   palette=PALETTE, class_names=NAMES)
+  failed = {w["image"].split("/")[-1]: w["error"] for w in written if "error" in w}
+  assert set(failed) == {"cut.png", "text.jpg"}
+  assert all("cannot read the image" in e for e in failed.values())
+  pictures = sorted(p.name for p in (tmp_path / "out").iterdir())
+  assert pictures == sorted(f"{s}_{k}.png" for s in ("gray", "small", "wide")
+                            for k in ("mask", "overlay"))
