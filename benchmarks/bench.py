@@ -45,10 +45,11 @@ from typing import Any, Callable, Optional
 
 import jax
 import jaxlib
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from benchmarks import flops, measure, memory_plan, report
+from mlseg_jax import errors
 from mlseg_jax import sharding as sharding_lib
 # mlseg_jax.main defines --config (a locked config file with --config.* overrides): this
 # command reads the same flag.
@@ -272,14 +273,14 @@ def normalise_argv(argv: list[str], bool_flags=("torch", "sweep_batch", "plan"))
 
 def _main(args):
   if len(args) > 1:
-    raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    raise errors.UsageError(f"unexpected arguments: {args[1:]}")
   config = flags.FLAGS.config
   if config is None:
-    raise app.UsageError("--config is required")
+    raise errors.UsageError("--config is required")
   opts = Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)})
   for name in ("batch", "steps"):
     if getattr(opts, name) < 1:
-      raise app.UsageError(f"--{name}={getattr(opts, name)} must be at least 1")
+      raise errors.UsageError(f"--{name}={getattr(opts, name)} must be at least 1")
   if _PLAN.value:
     results = {"plan": memory_plan.plan(config, opts.batch)}
     print(report.format_plan(results["plan"], config), flush=True)
@@ -298,7 +299,7 @@ def _main(args):
 
 
 def main(argv=None):
-  app.run(_main, argv=normalise_argv(list(sys.argv if argv is None else argv)))
+  errors.run(_main, argv=normalise_argv(list(sys.argv if argv is None else argv)))
 
 
 if __name__ == "__main__":

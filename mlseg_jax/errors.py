@@ -124,16 +124,17 @@ def _print_help(module: str) -> NoReturn:
   sys.exit(0)
 
 
-def run(main: Callable, *, module: str | None = None) -> NoReturn:
+def run(main: Callable, *, module: str | None = None, argv=None) -> NoReturn:
   """`app.run(main)` with one-line errors (exit 2) and `--help` for `module`'s flags (exit 0).
 
   module: the module whose flags `--help` lists (default: the one defining `main`).
+  argv: the command line (default: sys.argv).
   """
   module = module or main.__module__
   if "traceback" not in flags.FLAGS:  # Defined here: importing this module defines nothing.
     flags.DEFINE_bool("traceback", False, "Show the traceback of a configuration or input "
                       f"error (or set {TRACEBACK_ENV}=1).")
-  argv = sys.argv
+  argv = sys.argv if argv is None else argv
   show = _wants_traceback(argv)
 
   def parse(args):
@@ -150,7 +151,7 @@ def run(main: Callable, *, module: str | None = None) -> NoReturn:
       fail(describe_flag_error(e, args))
 
   try:
-    app.run(main, flags_parser=parse)
+    app.run(main, argv=argv, flags_parser=parse)
   except (UserError, *PATH_ERRORS) as e:
     if show:
       raise
