@@ -21,8 +21,10 @@ from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
 
+from mlseg_jax.models.segmenter import default_model_config
 from mlseg_jax.param_tree import ConversionError, flatten, resize_pos_embed_np, unflatten
 from mlseg_jax.paths import absolute_path
 
@@ -53,8 +55,6 @@ def save_params(directory, params: Mapping[str, Any], *, source: Optional[Mappin
     if (directory / PARAMS_DIR).exists():
       (directory / PARAMS_DIR).rmtree()
   directory.mkdir(parents=True, exist_ok=True)
-  import orbax.checkpoint as ocp
-
   tree = unflatten({p: np.asarray(v) for p, v in flatten(params).items()})
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / PARAMS_DIR, tree)
@@ -74,8 +74,6 @@ def load_info(directory) -> dict:
 
 def model_config_from_info(info: Mapping) -> Any:
   """The model config recorded by `save_params`, on top of today's defaults."""
-  from mlseg_jax.models.segmenter import default_model_config
-
   c = default_model_config()
   for key, value in info["model"].items():
     if key not in c:
@@ -88,8 +86,6 @@ def model_config_from_info(info: Mapping) -> Any:
 
 def _read(directory) -> dict:
   """The parameter tree as host numpy arrays, whatever devices it was saved from."""
-  import orbax.checkpoint as ocp
-
   path = _params_dir(directory)
   checkpointer = ocp.PyTreeCheckpointer()
   meta = checkpointer.metadata(path)
