@@ -90,6 +90,9 @@ def test_config_has_the_reference_numbers(name):
   # RandomCrop's ignore_index 255 in every reference config: class 255 on the -1 datasets.
   assert c.data.crop_ignore_label == (255 if dataset in ("ade20k_full", "coco_lvis") else -1)
   assert c.reference_miou.single_scale == miou
+  # Pascal-Context MLSeg's reference dataset file turns on multi-scale + flip for val.
+  assert tuple(c.eval.run) == (("ss", "ms_flip") if name == "segmenter_mlseg_vit_b16_480_80k_pascal_context"
+                               else ("ss",))
   assert c.train.eval_every == iters // 10
   validate_config(c, num_devices=8)
 
