@@ -100,10 +100,14 @@ def _checked_config():
 
 def _train(config):
   from mlseg_jax import evaluation_runner
+  from mlseg_jax import tracking
   from mlseg_jax import train
 
-  evaluate_fn = evaluation_runner.periodic_eval_fn(config, _WORKDIR.value)
-  train.train(config, _WORKDIR.value, evaluate_fn=evaluate_fn)
+  # One tracker for the training scalars and the periodic evaluations' pictures; training
+  # closes it when it ends.
+  tracker = tracking.open_tracker(config, _WORKDIR.value, job_type="train")
+  evaluate_fn = evaluation_runner.periodic_eval_fn(config, _WORKDIR.value, tracker=tracker)
+  train.train(config, _WORKDIR.value, evaluate_fn=evaluate_fn, tracker=tracker)
 
 
 def _evaluate_or_predict(config):

@@ -24,6 +24,7 @@ billions of pixels) stay exact.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -70,7 +71,8 @@ def sum_floats_across_hosts(values: np.ndarray,
 
 def segmentation_metrics(confusion: np.ndarray,
                          class_names: Sequence[str] | None = None) -> dict[str, Any]:
-  """aAcc, mIoU, mAcc and per-class IoU / Acc (fractions; NaN where undefined)."""
+  """aAcc, mIoU, mAcc and per-class IoU / Acc (fractions; NaN where undefined), and the
+  confusion matrix they come from (int64, rows = label, columns = prediction)."""
   confusion = np.asarray(confusion, np.int64)
   n = confusion.shape[0]
   if confusion.shape != (n, n):
@@ -93,6 +95,7 @@ def segmentation_metrics(confusion: np.ndarray,
       "IoU": dict(zip(names, iou.tolist())),
       "Acc": dict(zip(names, acc.tolist())),
       "labelled_pixels": int(area_label.sum()),
+      "confusion": confusion,
   }
 
 
@@ -188,13 +191,20 @@ def _json_safe(x):
 
 def write_results(results: dict[str, Any], directory: str | os.PathLike,
                   name: str = "eval") -> epath.Path:
-  """Writes `name`.json (fractions, null where undefined) and `name`.txt (the table), in a
-  local directory or a `gs://` one."""
+  """Writes `name`.json (fractions, null where undefined), `name`.txt (the table) and, when
+  the results hold it, `name`_confusion.npy (the confusion matrix), in a local directory or
+  a `gs://` one."""
   directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   path = directory / f"{name}.json"
-  path.write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+  # COCO+LVIS's matrix has 1.6M cells: a .npy of its own, not JSON.
+  summary = {k: v for k, v in results.items() if k != "confusion"}
+  path.write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
   (directory / f"{name}.txt").write_text(format_table(results))
+  if results.get("confusion") is not None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(results["confusion"], np.int64))
+    (directory / f"{name}_confusion.npy").write_bytes(buffer.getvalue())
   return path
 
 

@@ -4,6 +4,9 @@ For every input image (a file, or every image in a directory) this writes, at th
 size, into the output directory:
   <stem>_mask.png      the predicted class of every pixel in the dataset's palette colours;
   <stem>_overlay.png   the mask blended over the image (alpha = mask weight);
+  <stem>_overlay_legend.png  the overlay with a legend on its right: a swatch and the name of
+                       every class in the mask with its share of the pixels, and for MLSeg
+                       models the classes the model selected with their scores;
   <stem>_classes.json  for MLSeg models: the classes the model selected (the union of the
                        windows' top-k) with their image logits and sigmoid scores, best first.
 Prediction is the evaluation's: keep-ratio resize to the test scale, sliding windows,
@@ -21,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from mlseg_jax import evaluate as ev
 from mlseg_jax.data.datasets import IMAGE_SUFFIXES
@@ -152,14 +155,98 @@ def predict_images(logits_fn: Callable[[jax.Array], Any],
       out = {"image": str(files[result.index]),
              "mask": str(output_dir / f"{stem}_mask.png"),
              "overlay": str(output_dir / f"{stem}_overlay.png")}
+      blended = overlay(image, mask, alpha)
       _write_png(out["mask"], mask)
-      _write_png(out["overlay"], overlay(image, mask, alpha))
+      _write_png(out["overlay"], blended)
+      sections = [("classes (share of pixels)",
+                   present_classes(result.prediction, palette, class_names))]
       if result.image_scores is not None:
+        selected = _selected_classes(result, class_names, topk, out["image"])
         out["classes"] = str(output_dir / f"{stem}_classes.json")
-        epath.Path(out["classes"]).write_text(json.dumps(
-            _selected_classes(result, class_names, topk, out["image"]), indent=2) + "\n")
+        epath.Path(out["classes"]).write_text(json.dumps(selected, indent=2) + "\n")
+        sections.append((f"selected by the model (top-{topk}), score",
+                         [(palette[c["id"]], f"{c['name']}  {c['score']:.2f}")
+                          for c in selected["selected"]]))
+      out["overlay_legend"] = str(output_dir / f"{stem}_overlay_legend.png")
+      _write_png(out["overlay_legend"], with_legend(blended, sections))
       written.append(out)
   return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Legends: a panel beside a picture, one row per class (a swatch of its colour, a text).
+
+Entry = tuple[Sequence[int], str]  # (RGB colour, text)
+MAX_LEGEND_ROWS = 30  # Per section; the rest is counted in one line.
+
+
+def present_classes(prediction: np.ndarray, palette: np.ndarray, class_names: Sequence[str],
+                    ) -> list[Entry]:
+  """Legend rows of the classes in a (H, W) class map (negative ids ignored), most pixels
+  first: their colour and "name  share%"."""
+  ids = prediction[prediction >= 0].ravel()
+  counts = np.bincount(ids, minlength=len(class_names)) if ids.size else np.zeros(0, int)
+  order = np.flatnonzero(counts)
+  order = order[np.argsort(-counts[order], kind="stable")]
+  return [(palette[i], f"{class_names[i]}  {100 * counts[i] / ids.size:.1f}%") for i in order]
+
+
+def _font(size: int):
+  try:
+    return ImageFont.load_default(size=size)
+  except (TypeError, OSError):  # Pillow without FreeType: its fixed bitmap font.
+    return ImageFont.load_default()
+
+
+def with_legend(picture: np.ndarray, sections: Sequence[tuple[str, Sequence[Entry]]],
+                ) -> np.ndarray:
+  """`picture` (H, W, 3) with a white panel on its right listing each section: its title,
+  then per entry a square of the entry's exact colour and its text. The panel grows the
+  picture's height when it needs more (white below the picture)."""
+  h, w = picture.shape[:2]
+  size = int(np.clip(round(h / 32), 12, 28))  # Text readable beside a small or large image.
+  font, pad, row = _font(size), max(size // 2, 4), round(1.5 * size)
+  lines = []  # (colour or None, text)
+  for k, (title, entries) in enumerate(sections):
+    if k:
+      lines.append((None, ""))  # A blank row between sections.
+    lines.append((None, title))
+    for colour, text in entries[:MAX_LEGEND_ROWS]:
+      lines.append((tuple(int(c) for c in colour), text))
+    if len(entries) > MAX_LEGEND_ROWS:
+      lines.append((None, f"+ {len(entries) - MAX_LEGEND_ROWS} more"))
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  text_w = max([measure.textlength(text, font=font) for _, text in lines] or [0])
+  panel_w = int(3 * pad + size + text_w + pad)
+  canvas = Image.new("RGB", (w + panel_w, max(h, 2 * pad + row * len(lines))), "white")
+  canvas.paste(Image.fromarray(picture), (0, 0))
+  draw = ImageDraw.Draw(canvas)
+  y = pad
+  for colour, text in lines:
+    x = w + pad
+    if colour is None:  # A section title, flush left.
+      draw.text((x, y), text, fill=(0, 0, 0), font=font)
+    else:
+      draw.rectangle([x + pad, y, x + pad + size - 1, y + size - 1], fill=colour,
+                     outline=(64, 64, 64))
+      draw.text((x + 2 * pad + size, y), text, fill=(0, 0, 0), font=font)
+    y += row
+  return np.asarray(canvas)
+
+
+def comparison_picture(image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
+                       palette: Sequence[Sequence[int]], class_names: Sequence[str],
+                       alpha: float = 0.5) -> np.ndarray:
+  """The ground truth (left) and the prediction (right) over `image`, with a legend of the
+  classes of each; ignored label pixels (negative) show the image alone."""
+  palette = np.asarray(palette, np.uint8)
+  truth = overlay(image, colorize(np.maximum(label, 0), palette), alpha)
+  truth[label < 0] = image[label < 0]
+  predicted = overlay(image, colorize(prediction, palette), alpha)
+  gap = np.full((image.shape[0], max(image.shape[1] // 50, 2), 3), 255, np.uint8)
+  return with_legend(np.concatenate([truth, gap, predicted], 1), [
+      ("ground truth (left)", present_classes(label, palette, class_names)),
+      ("prediction (right)", present_classes(prediction, palette, class_names))])
 
 
 def _checked_palette(palette: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:

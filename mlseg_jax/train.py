@@ -10,8 +10,10 @@ pretrained weights -> random init.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
+import logging as python_logging
 import os
 import sys
 import time
@@ -25,16 +27,19 @@ import numpy as np
 import optax
 from absl import logging
 from etils import epath
+from tqdm import tqdm
 
 from mlseg_jax import distributed
 from mlseg_jax import metrics as metrics_lib
 from mlseg_jax import optimizer as optim_lib
 from mlseg_jax import preemption
 from mlseg_jax import sharding as sharding_lib
+from mlseg_jax import tracking
 from mlseg_jax.checkpoints import checkpoint_manager, restore_latest, save_checkpoint
 from mlseg_jax.paths import absolute_path
 from mlseg_jax.models.decoders import compute_losses
 from mlseg_jax.models.segmenter import abstract_params, build_model
+from mlseg_jax.tensorboard import open_summary_writer
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,6 +158,18 @@ def global_batch(local_batch: dict, mesh) -> dict:
 # Progress.
 
 
+def describe_devices(mesh) -> str:
+  """The kinds of the mesh's devices, with counts where there are several kinds."""
+  kinds = collections.Counter(d.device_kind for d in mesh.devices.flat)
+  if len(kinds) == 1:
+    return next(iter(kinds))
+  return ", ".join(f"{n} x {kind}" for kind, n in sorted(kinds.items()))
+
+
+def _count(n) -> str:
+  return "an unknown number of" if n is None else f"{n:,}"
+
+
 class NonFiniteLoss(FloatingPointError):
   """The loss became NaN or infinite: the state is not worth a checkpoint."""
 
@@ -187,28 +204,78 @@ def describe_compiled_step(step_fn, state, batch) -> str:
   return "; ".join(parts) or "no cost or memory analysis on this backend"
 
 
-class Progress:
-  """A bar with ETA on terminals, a log line every `log_every` steps, TensorBoard scalars.
+def format_duration(seconds: float) -> str:
+  """H:MM:SS, as the bar shows it."""
+  seconds = max(int(round(seconds)), 0)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
-  Metrics stay on device until a log step, so the loop never waits on the host.
+
+class _AboveTheBar(python_logging.Handler):
+  """A root handler's records written with the bar cleared and redrawn afterwards, so a log
+  line never lands in the middle of the bar's line (absl logs to the bar's stderr)."""
+
+  def __init__(self, inner: python_logging.Handler, bar_file):
+    super().__init__(inner.level)
+    self.inner, self.bar_file = inner, bar_file
+
+  def handle(self, record):
+    with tqdm.external_write_mode(file=self.bar_file):
+      return self.inner.handle(record)
+
+  def emit(self, record):  # handle() above does the work; Handler requires emit.
+    self.inner.emit(record)
+
+
+class Progress:
+  """A bar with ETA on terminals, a log line every `log_every` steps (with the ETA: pods and
+  SLURM jobs have no terminal for the bar), scalars to the tracker (TensorBoard, W&B).
+
+  Metrics stay on device until a log step, so the loop never waits on the host. While the
+  bar is shown, the root logger's handlers write above it.
   """
 
-  def __init__(self, workdir, total_steps, first_step, log_every, batch_size, is_main):
+  def __init__(self, workdir, total_steps, first_step, log_every, batch_size, is_main,
+               tracker=None):
     self.total, self.log_every, self.batch_size = total_steps, log_every, batch_size
     self.is_main = is_main
     self.counters = {}  # name -> (() -> number): host-side counts added to each log line.
     self.pending = []
     self.last_time, self.last_step = time.time(), first_step
-    self.writer = None
+    # The ETA's rate is measured from the first log line on: the interval before it holds
+    # the compilation.
+    self.rate_origin = None
+    self.tracker = tracker
     self.bar = None
+    self._redirected = []  # (root handler, its wrapper) while the bar is shown.
     if is_main:
-      from mlseg_jax.tensorboard import open_summary_writer
-
-      self.writer = open_summary_writer(epath.Path(workdir) / "tensorboard")
+      if self.tracker is None:
+        self.tracker = tracking.Tracker(open_summary_writer(epath.Path(workdir) / "tensorboard"))
       if sys.stderr.isatty():
-        from tqdm import tqdm
-
         self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
+        self._log_above_the_bar()
+
+  def _log_above_the_bar(self):
+    root = python_logging.getLogger()
+    for handler in list(root.handlers):
+      wrapper = _AboveTheBar(handler, self.bar.fp)
+      root.removeHandler(handler)
+      root.addHandler(wrapper)
+      self._redirected.append((handler, wrapper))
+
+  def _restore_handlers(self):
+    root = python_logging.getLogger()
+    for handler, wrapper in self._redirected:
+      root.removeHandler(wrapper)
+      root.addHandler(handler)
+    self._redirected = []
+
+  def eta(self, step, now) -> float | None:
+    """Seconds left at `step`, at the rate since the first log line (evaluations included,
+    as the rest of the run has them too), or the last interval's before there is one."""
+    origin = self.rate_origin or (self.last_time, self.last_step)
+    if step <= origin[1]:
+      return None
+    return (self.total - step) * (now - origin[0]) / (step - origin[1])
 
   def update(self, step, metrics):
     """`step` is the number of steps done; metrics those of the last step."""
@@ -224,11 +291,14 @@ class Progress:
     mean["lr"] = float(host[-1]["lr"])
     now = time.time()
     mean["images_per_s"] = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
+    eta = self.eta(step, now)
     self.last_time, self.last_step = now, step
+    self.rate_origin = self.rate_origin or (now, step)
     mean.update({name: float(count()) for name, count in self.counters.items()})
     if self.is_main:
       line = " ".join(f"{k}={v:.4g}" for k, v in sorted(mean.items()))
-      logging.info("step %d/%d %s", step, self.total, line)
+      logging.info("step %d/%d eta=%s %s", step, self.total,
+                   "?" if eta is None else format_duration(eta), line)
       if self.bar is not None:
         self.bar.set_postfix(loss=f"{mean['loss']:.4f}")
       self.write_scalars(step, mean, prefix="train")
@@ -239,19 +309,18 @@ class Progress:
     _check_finite(jax.device_get([m["loss"] for m in self.pending]), step)
 
   def write_scalars(self, step, scalars, prefix):
-    if self.writer is not None:
-      for k, v in scalars.items():
-        self.writer.add_scalar(f"{prefix}/{k}", v, step)
-      self.writer.flush()
+    if self.tracker is not None:
+      self.tracker.scalars(step, scalars, prefix=prefix)
 
   def close(self, timeout: float = 30.0):
     """Within `timeout` s: a stop after a signal must not hang on a flush to a bucket."""
     if self.bar is not None:
+      self._restore_handlers()
       self.bar.close()
       self.bar = None
-    if self.writer is not None:
-      preemption.call_with_timeout(self.writer.close, timeout, "TensorBoard writer")
-      self.writer = None
+    if self.tracker is not None:
+      self.tracker.close(timeout)
+      self.tracker = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,7 +398,8 @@ def setup(config, mesh=None):
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           data_iter: Optional[Iterator] = None,
           evaluate_fn: Optional[Callable[[Any, int], dict]] = None,
-          mesh=None, stop_after: Optional[int] = None):
+          mesh=None, stop_after: Optional[int] = None,
+          tracker: Optional[tracking.Tracker] = None):
   """Trains (or resumes) `config` in `workdir`; returns the final state and last metrics.
 
   data_iter: per-host numpy batches (default: the config's Grain pipeline); a Grain
@@ -338,6 +408,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     each time after that step's checkpoint; the best by `train.best_metric` is kept.
   stop_after: stop (with a checkpoint) after this many steps in this call -- for tests
     and for splitting a run into jobs.
+  tracker: where the training and evaluation scalars go (default: `tracking.open_tracker`,
+    TensorBoard and with logging.wandb W&B); closed when training ends.
 
   SIGTERM / SIGINT stop the run at the next step boundary (on several processes: the same
   step on all of them) with that step's checkpoint complete, and raise
@@ -390,7 +462,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     first = int(state.step)
-    progress = Progress(workdir, total, first, t.log_every, t.batch_size, is_main)
+    if tracker is None:
+      tracker = tracking.open_tracker(config, workdir, job_type="train")
+    progress = Progress(workdir, total, first, t.log_every, t.batch_size, is_main,
+                        tracker=tracker)
     if config.data.get("on_error", "raise") == "skip" and hasattr(reader, "skipped_records"):
       # The bad records this process's pipeline left out so far (read-ahead included).
       progress.counters["skipped_records"] = lambda: reader.skipped_records
@@ -423,8 +498,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         batch = next(data_iter)
         if step == first:
           n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-          logging.info("train step of %s parameters on mesh %s (%d devices, %d processes): %s",
-                       f"{n_params:,}", dict(mesh.shape), mesh.size, jax.process_count(),
+          logging.info("train step of %s parameters on %s training records, mesh %s (%d "
+                       "devices: %s; %d processes): %s", f"{n_params:,}",
+                       _count(getattr(reader, "num_records", None)), dict(mesh.shape),
+                       mesh.size, describe_devices(mesh), jax.process_count(),
                        describe_compiled_step(step_fn, state, batch))
         state, metrics = step_fn(state, batch)
         step += 1

@@ -1,6 +1,8 @@
 """Evaluation wiring: the evaluators of a config, the +GT oracle seeing each whole image's
 class set, one trace of the forward per run, params-only restores, deprecated eval fields."""
 
+import functools
+import json
 import math
 import types
 
@@ -179,3 +181,82 @@ def test_unknown_evaluators_are_refused():
   config.eval.windows_per_call = 0
   with pytest.raises(ValueError, match="eval.windows_per_call=0 must be positive"):
     validate_config(config, num_devices=1)
+
+
+def _tensorboard_events(directory):
+  """(tag, step, value or the image's (height, width)) of every summary under a directory."""
+  import io
+  import struct
+
+  from PIL import Image
+  from tensorboardX.proto import event_pb2
+
+  out = []
+  for f in sorted(directory.glob("events.out.tfevents.*")):
+    data, i = f.read_bytes(), 0
+    while i < len(data):  # TFRecord: length, its crc, payload, its crc.
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      for v in event.summary.value:
+        value = (Image.open(io.BytesIO(v.image.encoded_image_string)).size[::-1]
+                 if v.HasField("image") else v.simple_value)
+        out.append((v.tag, event.step, value))
+      i += 16 + n
+  return out
+
+
+def test_an_evaluation_writes_its_confusion_matrix_and_pictures_and_sends_them_to_tensorboard(
+    tmp_path):
+  from PIL import Image
+
+  from mlseg_jax import tracking
+  from mlseg_jax.tensorboard import open_summary_writer
+
+  config = _eval_config(decoder="mlseg")
+  mesh = sharding_lib.make_mesh(config.mesh)
+  model = train.build_model(config.model)
+  images, labels = train.sample_inputs(config)
+  params = model.init(jax.random.PRNGKey(0), images, labels=labels)["params"]
+  (evaluator,) = evaluators.build_evaluators(config, mesh)
+  tracker = tracking.Tracker(open_summary_writer(tmp_path / "tb"))
+  palette = evaluation_runner.data_lib.dataset_info(config.data).palette
+  scalars = evaluation_runner.evaluate_params([evaluator], params, workdir=tmp_path, step=7,
+                                              tracker=tracker, sample_images=1,
+                                              palette=palette)
+  tracker.close()
+  results = json.loads((tmp_path / "eval" / "step_7_ss.json").read_text())
+  confusion = np.load(tmp_path / "eval" / "step_7_ss_confusion.npy")
+  assert confusion.dtype == np.int64 and confusion.shape == (11, 11)
+
+  # The matrix is the evaluation's own: per-image predictions against the labels ...
+  want = np.zeros((11, 11), np.int64)
+  for batch in evaluate_lib.segment(functools.partial(evaluator.predict_fn, params),
+                                    evaluator.records, evaluator.settings, num_classes=11,
+                                    topk=config.model.topk, keep_predictions=True):
+    for r in batch.images:
+      label = evaluator.records[r.index]["label"]
+      valid = label >= 0
+      np.add.at(want, (label[valid], r.prediction[valid]), 1)
+  np.testing.assert_array_equal(confusion, want)
+  # ... summing to the labelled pixels, its diagonal the intersections behind IoU and Acc.
+  assert confusion.sum() == results["labelled_pixels"]
+  names = list(results["IoU"])
+  for c, name in enumerate(names):
+    label_area, pred_area, inter = confusion[c].sum(), confusion[:, c].sum(), confusion[c, c]
+    if label_area:
+      assert inter == round(results["Acc"][name] * label_area)
+    if label_area + pred_area:
+      assert results["IoU"][name] == pytest.approx(inter / (label_area + pred_area - inter))
+
+  for kind in ("confusion", "iou"):
+    picture = np.asarray(Image.open(tmp_path / "eval" / f"step_7_ss_{kind}.png"))
+    assert min(picture.shape[:2]) >= 300 and picture.std() > 0
+  events = _tensorboard_events(tmp_path / "tb")
+  pictures = {tag: size for tag, step, size in events if step == 7}
+  assert set(pictures) == {"eval/ss/confusion", "eval/ss/iou", "eval/ss/sample_0"}
+  assert pictures["eval/ss/iou"] == Image.open(tmp_path / "eval" / "step_7_ss_iou.png").size[::-1]
+  # The sample: the truth and the prediction side by side at the image's size (360 rows,
+  # under SAMPLE_HEIGHT), and the legend.
+  h, w = evaluator.records[0]["image"].shape[:2]
+  assert pictures["eval/ss/sample_0"][0] >= h and pictures["eval/ss/sample_0"][1] > 2 * w
+  assert set(scalars) >= {"ss/mIoU", "ss/mAP"}

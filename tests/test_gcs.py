@@ -290,7 +290,8 @@ def test_training_on_gcs_killed_and_resumed_equals_a_local_run_then_eval_predict
        "--images", f"{data}/images/val", "--output", bucket / "predictions")
   stems = sorted(f.stem for f in (CAMVID / "images" / "val").iterdir())[:3]
   assert sorted(p.name for p in (bucket / "predictions").iterdir()) == sorted(
-      f"{s}_{kind}" for s in stems for kind in ("classes.json", "mask.png", "overlay.png"))
+      f"{s}_{kind}" for s in stems
+      for kind in ("classes.json", "mask.png", "overlay.png", "overlay_legend.png"))
 
   # The trained step -> reference .pth in the bucket -> converted in the bucket -> a local .pth.
   model_config = pretrained.model_config_from_info({"model": _json(run / "config.json")["model"]})

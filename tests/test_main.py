@@ -70,7 +70,8 @@ def test_quickstart_trains_evaluates_and_predicts(tmp_path):
                str(tmp_path / "mixed_out"), check=False)
   _assert_user_error(proc, "1 of 2 images could not be read", "broken.jpg")
   assert {p.name for p in (tmp_path / "mixed_out").iterdir()} == {
-      f"{one.stem}_mask.png", f"{one.stem}_overlay.png", f"{one.stem}_classes.json"}
+      f"{one.stem}_mask.png", f"{one.stem}_overlay.png", f"{one.stem}_overlay_legend.png",
+      f"{one.stem}_classes.json"}
 
 
 def _assert_user_error(proc, *needles):

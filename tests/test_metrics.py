@@ -147,3 +147,20 @@ def test_results_written_as_json_and_table(tmp_path):
   scalars = metrics_lib.tensorboard_scalars(results, "val")
   assert scalars["val/mIoU"] == pytest.approx(results["mIoU"])
   assert scalars["val/mAP"] == 0.5 and "val/IoU" not in scalars
+
+
+def test_the_confusion_matrix_is_written_beside_the_results_with_mmsegs_intersections(
+    tmp_path):
+  preds, labels = random_maps(5)
+  results = metrics_lib.segmentation_metrics(confusion_of(preds, labels, 6), NAMES)
+  metrics_lib.write_results(results, tmp_path, "ss")
+  confusion = np.load(tmp_path / "ss_confusion.npy")
+  assert confusion.dtype == np.int64 and confusion.shape == (6, 6)
+  inter, _, area_pred, area_label = mmseg_areas(preds, labels, 6)
+  # Rows = ground truth, columns = prediction, ignored pixels left out.
+  np.testing.assert_array_equal(np.diag(confusion), inter)
+  np.testing.assert_array_equal(confusion.sum(1), area_label)
+  np.testing.assert_array_equal(confusion.sum(0), area_pred)
+  assert confusion.sum() == results["labelled_pixels"] == sum(
+      int((l != IGNORE_LABEL).sum()) for l in labels)
+  assert "confusion" not in json.loads((tmp_path / "ss.json").read_text())

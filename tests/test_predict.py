@@ -128,4 +128,69 @@ def test_an_image_that_does_not_read_is_reported_and_the_others_are_written(imag
   assert all("cannot read the image" in e for e in failed.values())
   pictures = sorted(p.name for p in (tmp_path / "out").iterdir())
   assert pictures == sorted(f"{s}_{k}.png" for s in ("gray", "small", "wide")
-                            for k in ("mask", "overlay"))
+                            for k in ("mask", "overlay", "overlay_legend"))
+
+
+def _swatch_rows(panel, colour):
+  """Rows of `panel` holding a run of at least 6 pixels of exactly `colour` (a swatch)."""
+  exact = (panel == np.asarray(colour, np.uint8)).all(-1)
+  runs = np.zeros(exact.shape[0], int)
+  for y, row in enumerate(exact):
+    best = run = 0
+    for v in row:
+      run = run + 1 if v else 0
+      best = max(best, run)
+    runs[y] = best
+  return np.flatnonzero(runs >= 6)
+
+
+def _swatches(panel, colour):
+  """How many separate swatches of `colour` the panel holds (runs of swatch rows)."""
+  rows = _swatch_rows(panel, colour)
+  return 0 if not len(rows) else 1 + int((np.diff(rows) > 1).sum())
+
+
+def test_the_overlay_legend_names_the_classes_present_in_their_colours(image_dir, tmp_path):
+  written = predict.predict_images(
+      colour_model(), image_dir / "wide.png", tmp_path / "out", SETTINGS,
+      palette=PALETTE, class_names=NAMES)
+  (w,) = written
+  over = np.asarray(Image.open(w["overlay"]))
+  pictured = np.asarray(Image.open(w["overlay_legend"]))
+  h, wd = over.shape[:2]
+  assert pictured.shape[1] > wd and pictured.shape[0] >= h and pictured.std() > 0
+  np.testing.assert_array_equal(pictured[:h, :wd], over)  # The overlay itself, untouched.
+  legend = pictured[:, wd:]
+  assert legend.std() > 0
+  # Red and blue are in the mask: one swatch each; green is not, so no swatch.
+  assert _swatches(legend, PALETTE[0]) == 1 and _swatches(legend, PALETTE[2]) == 1
+  assert _swatches(legend, PALETTE[1]) == 0
+
+
+def test_the_mlseg_legend_also_lists_the_selected_classes(image_dir, tmp_path):
+  (w,) = predict.predict_images(
+      colour_model(topk=1), image_dir / "wide.png", tmp_path / "out", SETTINGS,
+      palette=PALETTE, class_names=NAMES, topk=1)
+  legend = np.asarray(Image.open(w["overlay_legend"]))[:, Image.open(w["overlay"]).width:]
+  # Present in the mask and selected by the model: red and blue, twice each.
+  assert _swatches(legend, PALETTE[0]) == 2 and _swatches(legend, PALETTE[2]) == 2
+  assert _swatches(legend, PALETTE[1]) == 0
+
+
+def test_the_comparison_picture_has_the_truth_the_prediction_and_both_legends():
+  image = two_colour_image(40, 60)
+  label = np.zeros((40, 60), np.int64)
+  label[:, 30:] = 1  # Truth: red | green; prediction: red | blue.
+  label[:5] = -1
+  prediction = np.where(np.arange(60) < 30, 0, 2)[None].repeat(40, 0)
+  picture = predict.comparison_picture(image, label, prediction, PALETTE, NAMES)
+  gap = 2
+  assert picture.shape[0] >= 40 and picture.shape[1] > 2 * 60 + gap
+  assert (picture[40:, :120 + gap] == 255).all()  # A legend taller than the pictures.
+  truth, predicted = picture[:40, :60], picture[:40, 60 + gap:120 + gap]
+  np.testing.assert_array_equal(truth[:5], image[:5])  # Ignored pixels: the image alone.
+  np.testing.assert_array_equal(predicted, predict.overlay(
+      image, predict.colorize(prediction, np.asarray(PALETTE, np.uint8)), 0.5))
+  legend = picture[:, 120 + gap:]
+  assert _swatches(legend, PALETTE[0]) == 2  # In the truth and in the prediction.
+  assert _swatches(legend, PALETTE[1]) == 1 and _swatches(legend, PALETTE[2]) == 1

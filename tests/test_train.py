@@ -309,3 +309,54 @@ def test_resuming_with_another_model_names_the_parameters_and_keeps_the_checkpoi
     train.train(other, tmp_path, data_iter=random_batches())
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
   assert not (tmp_path / "damaged_checkpoints").exists()
+
+
+def test_the_log_lines_give_the_eta_and_the_summary_line_the_dataset_size(tmp_path, caplog):
+  import logging as python_logging
+  import re
+
+  caplog.set_level(python_logging.INFO)
+  config = tiny_train_config(total_steps=4, log_every=2, checkpoint_every=4)
+  config.data.photometric = False
+  train.train(config, tmp_path)  # The config's own pipeline: 32 CamVid subset records.
+  lines = [r.getMessage() for r in caplog.records]
+  (summary,) = [line for line in lines if line.startswith("train step of")]
+  assert "on 32 training records" in summary, summary
+  assert f"devices: {jax.devices()[0].device_kind};" in summary, summary
+  steps = [line for line in lines if re.match(r"step \d+/4 ", line)]
+  assert len(steps) == 2, lines
+  assert re.match(r"step 2/4 eta=\d+:\d\d:\d\d \w+=", steps[0]), steps[0]
+  assert steps[1].startswith("step 4/4 eta=0:00:00 "), steps[1]
+
+
+def test_log_lines_are_written_above_the_progress_bar(tmp_path, monkeypatch, caplog):
+  import io
+  import logging as python_logging
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  terminal = Terminal()
+  monkeypatch.setattr(sys, "stderr", terminal)
+  root = python_logging.getLogger()
+  handler = python_logging.StreamHandler(terminal)
+  root.addHandler(handler)
+  caplog.set_level(python_logging.INFO)  # Whatever earlier tests set (setLevel: uncached).
+  caplog.set_level(python_logging.INFO, logger="absl")
+  try:
+    progress = train.Progress(tmp_path, 4, 0, 2, 8, is_main=True)
+    assert progress.bar is not None
+    for step in range(1, 5):
+      progress.update(step, {"loss": jnp.float32(1.0 / step), "lr": jnp.float32(0.1)})
+    progress.close()
+    assert handler in root.handlers  # The handlers are the logger's own again.
+  finally:
+    root.removeHandler(handler)
+  out = terminal.getvalue()
+  assert "step 2/4 eta=" in out and "step 4/4 eta=0:00:00" in out, out
+  for line in ("step 2/4", "step 4/4"):
+    i = out.index(line)
+    # The bar's line was cleared first ("\r" + blanks + "\r"), not written on.
+    assert out[:i].endswith("\r"), repr(out[max(i - 80, 0):i + 20])
+  assert "2/4" in out.replace("step 2/4", "")  # The bar itself was drawn.

@@ -20,6 +20,7 @@ from mlseg_jax.models.segmenter import default_model_config
 from mlseg_jax.models.vit import VARIANTS
 from mlseg_jax.optimizer import default_optim_config
 from mlseg_jax.sharding import default_mesh_config
+from mlseg_jax.tracking import default_logging_config
 
 # Where each dataset's files are by default (README's Data table; --config.data.root).
 # Class counts, label conventions and normalisation come with the dataset reader.
@@ -71,6 +72,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optim = default_optim_config()
   config.mesh = default_mesh_config()
   config.eval = default_eval_config()
+  config.logging = default_logging_config()  # TensorBoard images, Weights & Biases.
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 8  # Global: 1 image x 8 GPUs in the reference.

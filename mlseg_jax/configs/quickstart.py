@@ -49,5 +49,6 @@ def get_config(arg=None):
   t.checkpoint_every = 100
   t.eval_every = 300
   config.eval.stride = (128, 128)
+  config.logging.tensorboard_images = 4  # Sample pictures and charts in TensorBoard.
   config.init_from = ""
   return config

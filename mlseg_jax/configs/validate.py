@@ -19,6 +19,7 @@ from mlseg_jax.evaluators import resolve_eval_config
 from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.models.segmenter import resolve_model_config
 from mlseg_jax.models.vit import VARIANTS
+from mlseg_jax.tracking import logging_problems
 from mlseg_jax.train import BEST_METRICS
 
 # (field, what a pair means): every size the pipeline unpacks as two numbers.
@@ -196,7 +197,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     num_devices = jax.device_count()
   for check in (_model_problems(config.model), _patch_problems(config),
                 _mesh_problems(config, num_devices), _data_problems(config),
-                _train_problems(config), _eval_problems(config)):
+                _train_problems(config), _eval_problems(config),
+                logging_problems(config.logging)):
     problems += check
   if problems:
     raise errors.ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -120,11 +120,12 @@ class _Augment:
 
 class _CountSkipped(grain.DatasetIterator):
   """Batches without their "skipped" field, which `skipped_records` adds up; the state is
-  the wrapped iterator's own."""
+  the wrapped iterator's own. `num_records`: the split's records, for the summary line."""
 
-  def __init__(self, parent: grain.DatasetIterator):
+  def __init__(self, parent: grain.DatasetIterator, num_records: int):
     super().__init__(parent)
     self.skipped_records = 0
+    self.num_records = num_records
 
   def __next__(self):
     batch = next(self._parent)
@@ -147,7 +148,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, global_batch_size: in
   `config.shuffle_seed` fixes the data order, `seed` the augmentations. The iterator's
   get_state()/set_state() (or `checkpoint_args`) resume it exactly. `config.on_error`:
   "raise" stops at a bad record, "skip" leaves it out (the module's docstring); the
-  iterator's `skipped_records` counts those left out.
+  iterator's `skipped_records` counts those left out, its `num_records` the split's records.
   """
   index, count = _process(process_index, process_count)
   if global_batch_size % count:
@@ -165,7 +166,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, global_batch_size: in
         .random_map(_Augment(train_transform(config, dataset)), seed=int(seed))
         [index::count]
         .batch(global_batch_size // count, drop_remainder=True))
-  return _CountSkipped(iter(_to_iter(ds, config)))
+  return _CountSkipped(iter(_to_iter(ds, config)), len(dataset))
 
 
 def make_global_batch(local_batch: Any, sharding: jax.sharding.Sharding) -> Any:
