@@ -30,6 +30,7 @@ from mlseg_jax import evaluate as evaluate_lib
 from mlseg_jax import evaluators as evaluators_lib
 from mlseg_jax import metrics as metrics_lib
 from mlseg_jax import predict as predict_lib
+from mlseg_jax import pretrained
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax import tracking
 from mlseg_jax.data import classes as classes_lib
@@ -143,8 +144,6 @@ def load_params_for_eval(config, workdir, mesh):
     if params is not None:
       return params, f"{mngr.directory}/{step}"
   if config.init_from:
-    from mlseg_jax import pretrained
-
     target = checkpoints.with_shardings(abstract, shardings)
     return pretrained.load_params(config.init_from, target=target), config.init_from
   raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints and no "

@@ -29,13 +29,16 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
+from mlseg_jax import data as data_lib
 from mlseg_jax import distributed
 from mlseg_jax import metrics as metrics_lib
 from mlseg_jax import optimizer as optim_lib
 from mlseg_jax import preemption
+from mlseg_jax import pretrained
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax import tracking
 from mlseg_jax.checkpoints import checkpoint_manager, restore_latest, save_checkpoint
+from mlseg_jax.data.pipeline import DevicePrefetch
 from mlseg_jax.paths import absolute_path
 from mlseg_jax.models.decoders import compute_losses
 from mlseg_jax.models.segmenter import abstract_params, build_model
@@ -148,9 +151,7 @@ def make_train_step(config, model, tx, schedule, mesh, state_shardings):
 
 def global_batch(local_batch: dict, mesh) -> dict:
   """Per-host numpy batch -> the step's global {"image", "label"} over the data axes."""
-  from mlseg_jax.data import make_global_batch
-
-  return make_global_batch({k: local_batch[k] for k in ("image", "label")},
+  return data_lib.make_global_batch({k: local_batch[k] for k in ("image", "label")},
                            sharding_lib.batch_sharding(mesh))
 
 
@@ -432,16 +433,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     preemption.should_stop(mngr.latest_step() or 0)
     model, mesh, state, shardings, step_fn = setup(config, mesh)
     if data_iter is None:
-      from mlseg_jax import data as data_lib
-
       data_iter = data_lib.make_train_iterator(config.data, t.batch_size, t.seed)
     reader = data_iter
     checkpointable_iter = data_iter if hasattr(data_iter, "get_state") else None
     to_device = functools.partial(global_batch, mesh=mesh)
     prefetcher = None
     if t.prefetch:
-      from mlseg_jax.data.pipeline import DevicePrefetch
-
       data_iter = prefetcher = DevicePrefetch(data_iter, to_device, t.prefetch)
       checkpointable_iter = prefetcher if checkpointable_iter is not None else None
     else:
@@ -452,8 +449,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       state = restored
       logging.info("resumed from %s at step %d", mngr.directory, restored_step)
     elif config.init_from:
-      from mlseg_jax import pretrained
-
       params, kept = pretrained.init_from(jax.device_get(state.params), config.init_from)
       state = state.replace(params=jax.device_put(params, shardings.params))
       logging.info("initialised from %s (%d parameters kept their init)", config.init_from,

@@ -9,15 +9,19 @@ It also moves deprecated fields onto their successors first.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import jax
 import ml_collections
+from etils import epath
 
 from mlseg_jax import errors
+from mlseg_jax.configs.common import get_base_config
 from mlseg_jax.data import datasets
 from mlseg_jax.evaluators import resolve_eval_config
 from mlseg_jax.models.decoders import decoder_spec
-from mlseg_jax.models.segmenter import resolve_model_config
+from mlseg_jax.models.segmenter import abstract_params, resolve_model_config
 from mlseg_jax.models.vit import VARIANTS
 from mlseg_jax.tracking import logging_problems
 from mlseg_jax.train import BEST_METRICS
@@ -192,8 +196,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   if problems:  # The other checks read these sizes and counts.
     raise errors.ConfigError("invalid config:\n  " + "\n  ".join(problems))
   if num_devices is None:
-    import jax
-
     num_devices = jax.device_count()
   for check in (_model_problems(config.model), _patch_problems(config),
                 _mesh_problems(config, num_devices), _data_problems(config),
@@ -231,12 +233,6 @@ def _assign(target: ml_collections.ConfigDict, values: dict) -> None:
 
 def workdir_config(workdir) -> ml_collections.ConfigDict | None:
   """The config WORKDIR/config.json records, on the base config's fields, or None."""
-  import json
-
-  from etils import epath
-
-  from mlseg_jax.configs.common import get_base_config
-
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return None
@@ -250,10 +246,6 @@ def workdir_config(workdir) -> ml_collections.ConfigDict | None:
 
 
 def _param_shapes(model_config) -> dict:
-  import jax
-
-  from mlseg_jax.models.segmenter import abstract_params
-
   return {jax.tree_util.keystr(k): v.shape for k, v in
           jax.tree_util.tree_flatten_with_path(abstract_params(model_config))[0]}
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import queue
 import threading
 from typing import Any
 
@@ -225,9 +226,6 @@ class DevicePrefetch:
     return batch
 
   def _start(self):
-    import queue
-    import threading
-
     self._state = self._it.get_state() if self._checkpointable else None
     self._queue = queue.Queue(maxsize=self._size)
     self._stop = threading.Event()
@@ -236,8 +234,6 @@ class DevicePrefetch:
     self._thread.start()
 
   def _produce(self):
-    import queue
-
     def put(item):
       while not self._stop.is_set():
         try:
