@@ -4,13 +4,15 @@ What the reference computes for one image (REFERENCE.md §5; `encoder_decoder.py
 `test_time_aug.py`):
 
   1. Keep-ratio resize to the test scale: factor = min(long / max(h, w), short / min(h, w)),
-     new size int(h * factor + 0.5) x int(w * factor + 0.5) (mmcv `rescale_size`). For
-     multi-scale, the scale itself is first multiplied by each ratio and truncated:
-     (int(2048 r), int(512 r)) for r in 0.5, 0.75, ..., 1.75, each also flipped horizontally.
+     new size int(h * factor + 0.5) x int(w * factor + 0.5) (mmcv `rescale_size`), by
+     OpenCV's bilinear on the uint8 image. For multi-scale, the scale itself is first
+     multiplied by each ratio and truncated: (int(2048 r), int(512 r)) for r in 0.5, 0.75,
+     ..., 1.75, each also flipped horizontally (after the resize).
   2. Normalise, then slide a crop-sized window with the configured stride over the resized
      image: h_grids = max(h - crop_h + stride_h - 1, 0) // stride_h + 1 windows per column,
      window i spans y1 = i * stride, y2 = min(y1 + crop, h), y1 = max(y2 - crop, 0) (the last
-     window is aligned to the border); the same along x.
+     window is aligned to the border); the same along x. An image smaller than the crop is
+     one window of its own size, which the ViT pads with zeros to a multiple of the patch.
   3. Each window's logits (1/16 of the window, on the model's padded token grid) are resized
      bilinearly (align_corners=False) straight to the window size, summed into a canvas and
      divided by the number of windows covering each pixel.
@@ -33,9 +35,17 @@ How it runs here, with static shapes and nothing per window in Python:
     counts and window size. Images are binned by shape and processed `images_per_batch` at a
     time; the window offsets, validity masks and interpolation matrices come from the true
     sizes on device, so one compilation serves every image of a bin.
-  - The resize of the uint8 image to the test scale runs on device as well: PyTorch-style
-    bilinear on the float image, rounded and clipped to uint8. mmcv resizes with OpenCV's
-    fixed-point bilinear (11-bit weights), so a few pixels may differ by one grey level.
+  - The resize to each test scale runs on the host, in `read_ahead`'s threads, by the very
+    call mmcv makes (cv2.resize INTER_LINEAR on uint8: OpenCV's fixed-point arithmetic,
+    which a float resize misses by one grey level on ~11 % of an upscaled image's values);
+    the resized images go to the device (~9 MB per ADE20K image for six scales). On a
+    2-core CPU this takes 6 ms per 512x683 image for the six scales, where an emulation of
+    OpenCV's integer arithmetic in XLA took 31 ms. Flip (after the resize, on device) and
+    mmcv's normalisation (a per-grey-level table, bit for bit) follow on the device.
+  - A small image's window is cut at its size rounded up to `small_window_multiple` (the
+    patch by default: exactly the reference's model input, one model compilation per
+    distinct small size); its logits grid is zero-padded to the crop's before the resize
+    stages, so those compile once per crop-sized pass shape whatever the small size.
   - Windows are cut with `lax.dynamic_slice` and sent to `logits_fn` in fixed-size chunks
     (`windows_per_call` per host), windows of several images together, sharded over the
     mesh's data axis. Chunks holding only padding are skipped.
@@ -47,19 +57,11 @@ How it runs here, with static shapes and nothing per window in Python:
     allgather, the shape of the bin that became full, and all run that shape together; a
     process with fewer images of that shape runs masked empty slots.
 
-Where we differ from the reference, on purpose:
-
-  - Resized images smaller than the window. mmseg runs the model on the small image itself
-    (its ViT pads to a multiple of 16 and resizes its position embedding to that grid), a
-    different input shape per image. By default we pad the window to the crop size with zeros
-    (= image 0 after normalisation, what the model's own padding inserts); the logits grid
-    cells that cover the true image, ceil(size / 16), are resized to the true size exactly as
-    mmseg does, so only the extra zero tokens the backbone attends to differ. This is every
-    image at multi-scale ratios < 1 (short side 256 or 384 < 512). `small_window_multiple=16`
-    removes the difference: small windows are then cut at the image size rounded up to 16,
-    i.e. exactly the reference's input, at the price of one model compilation per distinct
-    small-window shape.
-  - OpenCV's uint8 rounding in the resize (above).
+Opt-in, for speed: `small_window_multiple=0` pads a small image's window to the crop with
+zeros (= image 0 after normalisation, what the model's own padding inserts) instead; the
+logits grid cells that cover the true image, ceil(size / 16), are resized to the true size
+exactly as mmseg does, so only the extra zero tokens the backbone attends to differ (every
+ADE20K image at ratios 0.5 and 0.75), at one compilation per crop-sized shape.
 
 MLSeg models: `logits_fn` may return `{"logits": ..., "image_logits": (N, n_cls)}`; the
 logits carry -100 in the classes a window did not select, and that fill goes through the
@@ -68,9 +70,9 @@ the multi-label metrics are taken over all windows of all passes of an image: th
 class is its largest image logit, the selected set the union of the windows' top-k.
 
 The +GT oracle (`gt_classes=True`): `logits_fn(windows, classes)` also takes, per window, the
-class set of its whole image's labels (as the reference's whole-image test gives the oracle),
-laid out on the device like the windows, so images with different sets share a batch and
-one compilation.
+class set of its whole image's label as the reference hands it over: the label resized (nearest)
+to that pass's scale with the image, so each scale has its own set; laid out on the device like
+the windows, so images with different sets share a batch and one compilation.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mlseg_jax import IGNORE_LABEL
 from mlseg_jax import metrics as metrics_lib
-from mlseg_jax.data.transforms import rescale_size  # mmcv's keep-ratio rule, shared with training.
+# mmcv's keep-ratio rule and its OpenCV resizes, shared with training.
+from mlseg_jax.data.transforms import rescale_size, resize_image, resize_label
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -130,8 +133,14 @@ class PassShape:
   cols: int  # windows per row (w_grids)
   window_h: int  # static window size fed to the model
   window_w: int
-  canvas_h: int  # static size of the resized image buffer
+  canvas_h: int  # static size of the resized image buffer: crop + (windows - 1) * stride
   canvas_w: int
+
+  def at_crop(self, crop: Sequence[int]) -> "PassShape":
+    """The pass with crop-sized windows: the static shape of the stages after the model,
+    one program for every small-window size of a bin (a small window's logits grid is
+    zero-padded to the crop's, and the resize matrices give the padding weight 0)."""
+    return dataclasses.replace(self, window_h=int(crop[0]), window_w=int(crop[1]))
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -165,6 +174,9 @@ class EvalSettings:
   ratios: tuple[float, ...] = (1.0,)
   flip: bool = False
   patch_size: int = 16
+  # Resized images smaller than the crop: None (the patch size) or a multiple m of the patch
+  # cuts their window at the image's size rounded up to m (m = patch: exactly mmseg's model
+  # input, one model compilation per distinct small size); 0 pads it to the crop.
   small_window_multiple: int | None = None
 
   def __post_init__(self):
@@ -193,35 +205,48 @@ class EvalSettings:
     if not self.ratios or min(self.ratios) <= 0:
       raise ValueError(f"ratios must be positive, got {self.ratios}")
     m = self.small_window_multiple
-    if m is not None and (m <= 0 or m % self.patch_size):
-      raise ValueError(f"small_window_multiple={m} must be a positive multiple of the patch "
-                       f"size {self.patch_size}")
+    m = self.patch_size if m is None else int(m)
+    if m < 0 or m % self.patch_size:
+      raise ValueError(f"small_window_multiple={m} must be 0 (pad to the crop) or a multiple "
+                       f"of the patch size {self.patch_size}")
+    object.__setattr__(self, "small_window_multiple", m)
+
+  @property
+  def scales(self) -> list[tuple[int, int]]:
+    return scales_for_ratios(self.test_scale, self.ratios)
 
   @property
   def passes(self) -> list[tuple[tuple[int, int], bool]]:
     """(scale, flip) of every test pass, in MultiScaleFlipAug's order."""
-    flips = (False, True) if self.flip else (False,)
-    return [(s, f) for s in scales_for_ratios(self.test_scale, self.ratios) for f in flips]
+    return [(s, f) for s in self.scales for f in self.flips]
+
+  @property
+  def flips(self) -> tuple[bool, ...]:
+    return (False, True) if self.flip else (False,)
+
+  def scale_index(self, p: int) -> int:
+    """Which of `scales` test pass p resizes to (the flips of a scale share its image)."""
+    return p // len(self.flips)
 
   def scaled_sizes(self, h: int, w: int) -> list[tuple[int, int]]:
-    return [rescale_size(h, w, scale) for scale, _ in self.passes]
+    """(h, w) at each of `scales` (not per pass)."""
+    return [rescale_size(h, w, scale) for scale in self.scales]
 
   def _window_len(self, n: int, crop: int) -> int:
-    if n >= crop or self.small_window_multiple is None:
-      return crop
     m = self.small_window_multiple
+    if n >= crop or m == 0:
+      return crop
     return min(crop, -(-n // m) * m)
 
   def pass_shape(self, hs: int, ws: int) -> PassShape:
     (ch, cw), (sh, sw) = self.crop, self.stride
     rows, cols = num_windows(hs, ch, sh), num_windows(ws, cw, sw)
-    wh, ww = self._window_len(hs, ch), self._window_len(ws, cw)
-    canvas_h = wh if rows == 1 else ch + (rows - 1) * sh
-    canvas_w = ww if cols == 1 else cw + (cols - 1) * sw
-    return PassShape(rows, cols, wh, ww, canvas_h, canvas_w)
+    return PassShape(rows, cols, self._window_len(hs, ch), self._window_len(ws, cw),
+                     ch + (rows - 1) * sh, cw + (cols - 1) * sw)
 
   def batch_shape(self, h: int, w: int) -> BatchShape:
-    passes = tuple(self.pass_shape(hs, ws) for hs, ws in self.scaled_sizes(h, w))
+    passes = tuple(self.pass_shape(hs, ws) for hs, ws in self.scaled_sizes(h, w)
+                   for _ in self.flips)
     return BatchShape(bucket_length(h), bucket_length(w), passes)
 
 
@@ -261,19 +286,6 @@ def interp_matrix(in_size, out_size, in_len: int, out_len: int, flip=False):
   return jnp.where(valid[:, None], m, 0.0)
 
 
-def resize_axis(x, axis: int, in_size, out_size, out_len: int, flip=False):
-  """Bilinear resize of the first `in_size` entries of `x` along `axis` to `out_size`, in a
-  buffer of `out_len` (zeros beyond): two gathers, not a matrix product, as only two source
-  entries feed each output."""
-  i0, i1, frac, valid = _linear_taps(in_size, out_size, out_len, flip)
-  shape = [1] * x.ndim
-  shape[axis] = out_len
-  frac, valid = frac.reshape(shape), valid.reshape(shape)
-  a = jnp.take(x, jnp.maximum(i0, 0), axis=axis)
-  b = jnp.take(x, jnp.maximum(i1, 0), axis=axis)
-  return jnp.where(valid, a * (1 - frac) + b * frac, 0.0)
-
-
 def window_starts(size, crop: int, stride: int, n: int):
   """Start of each of `n` windows along an axis of true (traced) length `size`, and which of
   them exist for that length (mmseg's grid)."""
@@ -300,21 +312,31 @@ def _from_blocks(x, blocks: int, per_block: int, padded: int):
   return x.reshape(blocks * per_block, *x.shape[2:])
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "orig", "settings", "layout", "sharding"))
-def _cut_windows(images, orig_hw, scaled_hw, flip, *, shape: PassShape, orig: tuple[int, int],
-                 settings: EvalSettings, layout: tuple[int, int, int], sharding):
-  """uint8 images (B, Ho, Wo, 3) -> normalised windows (blocks * padded, wh, ww, 3)."""
-  (ch, cw), (sh, sw) = settings.crop, settings.stride
-  mean = jnp.asarray(settings.mean, jnp.float32)
-  std = jnp.asarray(settings.std, jnp.float32)
+def normalise_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """(3, 256) float32: each channel's normalised value of each grey level as mmcv's
+  Normalize computes it (float32 image minus the float32 mean, times the float64 1 / std,
+  rounded to float32; a float32 division differs in the last bit for some levels)."""
+  levels = np.arange(256, dtype=np.float32)[None, :]
+  centred = levels - np.asarray(mean, np.float32)[:, None]
+  return (centred.astype(np.float64) * (1 / np.asarray(std, np.float64))[:, None]).astype(
+      np.float32)
 
-  def one(image, ohw, shw):
-    x = resize_axis(image.astype(jnp.float32), 0, ohw[0], shw[0], shape.canvas_h)
-    x = resize_axis(x, 1, ohw[1], shw[1], shape.canvas_w, flip)  # (Hs, Ws, 3)
-    x = jnp.clip(jnp.floor(x + 0.5), 0, 255)  # The resized image is uint8 in mmcv.
-    x = (x - mean) / std
-    inside = ((jnp.arange(shape.canvas_h) < shw[0])[:, None]
-              & (jnp.arange(shape.canvas_w) < shw[1])[None, :])
+
+@functools.partial(jax.jit, static_argnames=("shape", "settings", "layout", "sharding"))
+def _cut_windows(images, scaled_hw, flip, *, shape: PassShape, settings: EvalSettings,
+                 layout: tuple[int, int, int], sharding):
+  """uint8 images resized on the host (B, canvas_h, canvas_w, 3), true sizes (B, 2) ->
+  normalised windows (blocks * padded, wh, ww, 3); with `flip`, of the flipped image (the
+  reference flips after resizing)."""
+  (ch, cw), (sh, sw) = settings.crop, settings.stride
+  table = jnp.asarray(normalise_table(settings.mean, settings.std))  # (3, 256)
+
+  def one(image, shw):
+    cols = jnp.arange(shape.canvas_w)
+    x = jnp.where(flip, jnp.take(image, jnp.clip(shw[1] - 1 - cols, 0, shape.canvas_w - 1),
+                                 axis=1), image)
+    x = table[jnp.arange(3), x.astype(jnp.int32)]  # (Hc, Wc, 3) float32
+    inside = (jnp.arange(shape.canvas_h) < shw[0])[:, None] & (cols < shw[1])[None, :]
     x = jnp.where(inside[..., None], x, 0.0)  # Padding is 0 after normalisation.
     y1, _ = window_starts(shw[0], ch, sh, shape.rows)
     x1, _ = window_starts(shw[1], cw, sw, shape.cols)
@@ -325,7 +347,7 @@ def _cut_windows(images, orig_hw, scaled_hw, flip, *, shape: PassShape, orig: tu
     w = jax.vmap(lambda y: jax.vmap(lambda x0: cut(y, x0))(x1))(y1)  # (rows, cols, wh, ww, 3)
     return w.reshape(-1, shape.window_h, shape.window_w, 3)
 
-  windows = jax.vmap(one)(images, orig_hw, scaled_hw)  # (B, rows * cols, wh, ww, 3)
+  windows = jax.vmap(one)(images, scaled_hw)  # (B, rows * cols, wh, ww, 3)
   windows = windows.reshape(-1, *windows.shape[2:])
   return _constrain(_to_blocks(windows, *layout), sharding)
 
@@ -347,8 +369,11 @@ def _window_classes(classes, *, per_image: int, layout: tuple[int, int, int], sh
 
 @functools.partial(jax.jit, static_argnames=("blocks", "sharding"), donate_argnums=0)
 def _put_chunk(buffer, values, index, *, blocks: int, sharding):
+  # A small window's logits grid goes into the crop-sized grid of the buffer, zero-padded.
+  values = jnp.pad(values.astype(buffer.dtype),
+                   [(0, 0)] + [(0, b - v) for b, v in zip(buffer.shape[1:], values.shape[1:])])
   b = buffer.reshape(blocks, -1, *buffer.shape[1:])
-  v = values.astype(buffer.dtype).reshape(blocks, -1, *values.shape[1:])
+  v = values.reshape(blocks, -1, *values.shape[1:])
   b = jax.lax.dynamic_update_slice_in_dim(b, v, index * v.shape[1], axis=1)
   return _constrain(b.reshape(buffer.shape), sharding)
 
@@ -472,23 +497,49 @@ class _Batch:
 
 def read_ahead(records: Sequence[dict[str, Any]], indices: Sequence[int | None],
                threads: int = 4, depth: int = 16,
+               prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                ) -> Iterator[tuple[int, dict[str, Any]] | None]:
-  """(index, records[index]) in order, None for padding slots, read `depth` ahead by
-  `threads` threads (image decoders release the GIL); threads=0 reads in the caller."""
+  """(index, prepare(records[index])) in order, None for padding slots, read `depth` ahead
+  by `threads` threads (image decoders and OpenCV release the GIL); threads=0 reads in the
+  caller."""
+  def read(index):
+    record = records[index]
+    return record if prepare is None else prepare(record)
+
   if threads <= 0:
     for index in indices:
-      yield None if index is None else (index, records[index])
+      yield None if index is None else (index, read(index))
     return
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     pending = collections.deque()
     for index in indices:
-      pending.append(None if index is None else (index, pool.submit(records.__getitem__, index)))
+      pending.append(None if index is None else (index, pool.submit(read, index)))
       if len(pending) > depth:
         item = pending.popleft()
         yield None if item is None else (item[0], item[1].result())
     while pending:
       item = pending.popleft()
       yield None if item is None else (item[0], item[1].result())
+
+
+def prepare_record(record: dict[str, Any], settings: EvalSettings, *, num_classes: int,
+                   with_labels: bool = True, gt_classes: bool = False) -> dict[str, Any]:
+  """`record` checked, with what the device needs of it made on the host: "scaled_images",
+  the image at each of `settings.scales` as mmcv.imrescale makes it (OpenCV's bilinear on
+  uint8, whose fixed-point arithmetic a float resize misses by one grey level on ~11 % of
+  an upscaled image's values), and for +GT "scaled_classes" (scales, C) bool, the classes
+  of the label nearest-resized to each scale: the reference loads the label before
+  MultiScaleFlipAug, whose Resize rescales it with the image, and its oracle takes that."""
+  _check_record(record, num_classes, with_labels)
+  sizes = settings.scaled_sizes(*record["image"].shape[:2])
+  out = dict(record, scaled_images=[resize_image(record["image"], h, w) for h, w in sizes])
+  if gt_classes:
+    label = np.asarray(record["label"])
+    out["scaled_classes"] = np.zeros((len(sizes), num_classes), bool)
+    for k, (h, w) in enumerate(sizes):
+      resized = resize_label(label, h, w)
+      out["scaled_classes"][k, np.unique(resized[resized >= 0])] = True
+  return out
 
 
 def batch_stream(items: Iterable[tuple[int, dict[str, Any]] | None],
@@ -691,31 +742,34 @@ def _to_host(run: _Run, x: jax.Array) -> np.ndarray:
 
 
 def _shape_of(run: _Run, record: dict[str, Any]) -> BatchShape:
-  _check_record(record, run.num_classes, run.with_labels)
   return run.settings.batch_shape(*record["image"].shape[:2])
 
 
-def _host_inputs(run: _Run, batch: _Batch) -> dict[str, np.ndarray | None]:
-  """This process's slots of `batch` as zero-padded arrays: images (bl, Ho, Wo, 3), labels
-  (bl, Ho, Wo), true sizes (bl, 2), sizes at each pass's scale (passes, bl, 2) and, for +GT,
-  each image's class set (bl, C)."""
-  bl, passes = run.images, run.settings.passes
+def _host_inputs(run: _Run, batch: _Batch) -> dict[str, Any]:
+  """This process's slots of `batch` (records from `prepare_record`) as zero-padded arrays:
+  per scale the resized images (bl, canvas_h, canvas_w, 3) and their sizes (bl, 2), the
+  original sizes (bl, 2), labels (bl, Ho, Wo) and, for +GT, per scale each image's class
+  set (bl, C)."""
+  bl, s = run.images, run.settings
+  canvases = [batch.shape.passes[k * len(s.flips)] for k in range(len(s.scales))]
   ho, wo = batch.shape.orig_h, batch.shape.orig_w
-  out = dict(images=np.zeros((bl, ho, wo, 3), np.uint8), orig_hw=np.zeros((bl, 2), np.int32),
-             scaled_hw=np.zeros((len(passes), bl, 2), np.int32),
+  out = dict(scaled=[np.zeros((bl, c.canvas_h, c.canvas_w, 3), np.uint8) for c in canvases],
+             scaled_hw=np.zeros((len(canvases), bl, 2), np.int32),
+             orig_hw=np.zeros((bl, 2), np.int32),
              labels=(np.full((bl, ho, wo), IGNORE_LABEL, np.int32) if run.with_labels
                      else None),
-             classes=np.zeros((bl, run.num_classes), bool) if run.gt_classes else None)
+             classes=(np.zeros((len(canvases), bl, run.num_classes), bool) if run.gt_classes
+                      else None))
   for slot, (_, record) in enumerate(batch.items):
     h, w = record["image"].shape[:2]
-    out["images"][slot, :h, :w] = record["image"]
     out["orig_hw"][slot] = (h, w)
-    out["scaled_hw"][:, slot] = run.settings.scaled_sizes(h, w)
+    for k, image in enumerate(record["scaled_images"]):
+      out["scaled"][k][slot, :image.shape[0], :image.shape[1]] = image
+      out["scaled_hw"][k, slot] = image.shape[:2]
     if run.with_labels:
-      label = np.asarray(record["label"])
-      out["labels"][slot, :h, :w] = label
-      if run.gt_classes:
-        out["classes"][slot, np.unique(label[label >= 0])] = True
+      out["labels"][slot, :h, :w] = record["label"]
+    if run.gt_classes:
+      out["classes"][:, slot] = record["scaled_classes"]
   return out
 
 
@@ -736,7 +790,8 @@ def _run_model(run: _Run, windows, classes, n_calls: int, ps: PassShape, layout)
                                       (ps.window_h, ps.window_w), run.settings.patch_size,
                                       run.num_classes)
     if grids is None:
-      grids = _full(shape=(layout[0] * layout[2], *logits.shape[1:]), value=0.0,
+      crop_grid = [-(-c // run.settings.patch_size) for c in run.settings.crop]
+      grids = _full(shape=(layout[0] * layout[2], *crop_grid, run.num_classes), value=0.0,
                     dtype=jnp.float32, sharding=run.sharding)
     grids = _put_chunk(grids, logits, index, blocks=run.blocks, sharding=run.sharding)
     if il is not None:
@@ -755,19 +810,22 @@ def _run_pass(run: _Run, batch: _Batch, p: int, inputs: dict[str, Any], totals: 
   """Test pass p (one scale, flipped or not) of `batch` added to totals = (scores (B, Ho,
   Wo, C), image scores (B, C), selected (B, C)), each None until a pass fills it."""
   (_, flip), ps = run.settings.passes[p], batch.shape.passes[p]
-  flip, scaled = np.bool_(flip), inputs["scaled"][p]
-  orig = (batch.shape.orig_h, batch.shape.orig_w)
+  k = run.settings.scale_index(p)
+  flip, scaled = np.bool_(flip), inputs["scaled_hw"][k]
   per_host = run.images * ps.rows * ps.cols
   layout = (run.blocks, per_host, _round_up(per_host, run.chunk))
-  common = dict(shape=ps, settings=run.settings, layout=layout, sharding=run.sharding)
-  windows = _cut_windows(inputs["images"], inputs["orig"], scaled, flip, orig=orig, **common)
+  common = dict(settings=run.settings, layout=layout, sharding=run.sharding)
+  windows = _cut_windows(inputs["scaled"][k], scaled, flip, shape=ps, **common)
   classes = (None if inputs["classes"] is None else _window_classes(
-      inputs["classes"], per_image=ps.rows * ps.cols, layout=layout, sharding=run.sharding))
+      inputs["classes"][k], per_image=ps.rows * ps.cols, layout=layout, sharding=run.sharding))
   # Only the first max_items images of each process's part hold an image anywhere.
   n_calls = -(-batch.max_items * ps.rows * ps.cols // run.chunk)
   grids, image_logits = _run_model(run, windows, classes, n_calls, ps, layout)
+  # After the model, every small-window size of this pass shares one program.
+  common["shape"] = ps.at_crop(run.settings.crop)
   scores, image_scores, selected = totals
-  scores = _add_pass(scores, grids, inputs["orig"], scaled, flip, orig=orig,
+  scores = _add_pass(scores, grids, inputs["orig"], scaled, flip,
+                     orig=(batch.shape.orig_h, batch.shape.orig_w),
                      softmax=len(run.settings.passes) > 1, **common)
   if image_logits is not None:
     if image_scores is None:
@@ -783,9 +841,11 @@ def _dispatch(run: _Run, batch: _Batch) -> dict[str, jax.Array | None]:
   """Starts every pass of `batch`, the argmax and the confusion counts on the device;
   returns their (not yet computed) device arrays."""
   host = _host_inputs(run, batch)
-  inputs = dict(images=_to_device(run, host["images"]), orig=_to_device(run, host["orig_hw"]),
-                scaled=[_to_device(run, s) for s in host["scaled_hw"]],
-                classes=None if host["classes"] is None else _to_device(run, host["classes"]))
+  inputs = dict(scaled=[_to_device(run, x) for x in host["scaled"]],
+                scaled_hw=[_to_device(run, x) for x in host["scaled_hw"]],
+                orig=_to_device(run, host["orig_hw"]),
+                classes=(None if host["classes"] is None else
+                         [_to_device(run, x) for x in host["classes"]]))
   totals = (None, None, None)
   for p in range(len(run.settings.passes)):
     totals = _run_pass(run, batch, p, inputs, totals)
@@ -853,7 +913,9 @@ def segment(logits_fn: Callable[..., Any], records: Sequence[dict[str, Any]],
                   keep_scores=keep_scores)
   indices = host_indices(len(records), jax.process_index(), jax.process_count())
   code_len = 2 + 6 * len(settings.passes)
-  items = read_ahead(records, indices, read_threads)
+  prepare = functools.partial(prepare_record, settings=settings, num_classes=num_classes,
+                              with_labels=with_labels, gt_classes=gt_classes)
+  items = read_ahead(records, indices, read_threads, prepare=prepare)
   pending = None
   # One batch in flight: the next batch is read and dispatched before the previous one's
   # results are pulled to the host, so reading overlaps device work.

@@ -5,6 +5,7 @@ import sys
 import threading
 from pathlib import Path
 
+import cv2
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,7 @@ def reference_scores(model, image, s: ev.EvalSettings, topk=None):
   passes = s.passes
   for scale, flip in passes:
     hs, ws = ev.rescale_size(h, w, scale)
-    img = np.clip(np.floor(np_resize(image, hs, ws) + 0.5), 0, 255)
+    img = cv2.resize(image, (ws, hs), interpolation=cv2.INTER_LINEAR).astype(np.float64)
     if flip:
       img = img[:, ::-1]
     img = (img - np.asarray(s.mean)) / np.asarray(s.std)
@@ -102,7 +103,7 @@ def reference_scores(model, image, s: ev.EvalSettings, topk=None):
         y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
         win = img[y1:y2, x1:x2]
         th, tw = win.shape[:2]
-        if s.small_window_multiple is None:  # ours: the window padded with zeros to the crop
+        if s.small_window_multiple == 0:  # ours, opt-in: the window zero-padded to the crop
           win = np.pad(win, ((0, ch - th), (0, cw - tw), (0, 0)))
         # (else mmseg itself: the window as it is; the model pads it to the patch grid.)
         out = model(jnp.asarray(win[None], jnp.float32))
@@ -181,19 +182,23 @@ def test_sliding_window_logits_match_numpy_loop(size, crop, stride):
   np.testing.assert_array_equal(got.prediction, want.argmax(-1))
 
 
-def test_small_window_multiple_gives_mmseg_exact_small_windows():
-  """With small_window_multiple = patch, a window on a small image is what mmseg feeds its
-  model (the image itself, padded by the model to the patch grid), not a padded crop."""
+def test_small_windows_are_mmseg_exact_by_default_and_padded_on_request():
+  """By default (small_window_multiple = the patch) a window on a small image is what mmseg
+  feeds its model (the image itself, padded by the model to the patch grid);
+  small_window_multiple=0 pads it to the crop instead, and the scores differ."""
   model = pooled_linear_model(seed=3)
   size = (21, 75)
   records = make_records([size], seed=4)
-  exact = settings(test_scale=(75, 21), crop=(32, 32), stride=(24, 24),
-                   small_window_multiple=PATCH)
+  exact = settings(test_scale=(75, 21), crop=(32, 32), stride=(24, 24))
+  assert exact.small_window_multiple == PATCH
   (got,) = run(model, records, exact)
   want, _, _ = reference_scores(model, records[0]["image"], exact)
   np.testing.assert_allclose(got.scores, want, rtol=1e-4, atol=1e-4)
-  padded = settings(test_scale=(75, 21), crop=(32, 32), stride=(24, 24))
+  padded = settings(test_scale=(75, 21), crop=(32, 32), stride=(24, 24),
+                    small_window_multiple=0)
+  (got_padded,) = run(model, records, padded)
   padded_want, _, _ = reference_scores(model, records[0]["image"], padded)
+  np.testing.assert_allclose(got_padded.scores, padded_want, rtol=1e-4, atol=1e-4)
   assert np.abs(padded_want - want).max() > 1e-2  # The two settings do differ.
 
 
@@ -206,30 +211,54 @@ def test_multiscale_flip_matches_numpy_reference_on_flax_model():
                ratios=(0.5, 1.0, 1.75), flip=True)
   (got,) = run(model, records, s)
   want, _, _ = reference_scores(model, records[0]["image"], s)
-  # Probabilities summed over 6 passes. The reference resizes the uint8 image in float64,
-  # the device in float32: a rare pixel rounds to the other grey level (one level ~ 0.017
-  # after normalisation), hence the tolerance.
-  np.testing.assert_allclose(got.scores, want, atol=2e-3)
-  assert (got.prediction == want.argmax(-1)).mean() > 0.995
+  # Probabilities summed over 6 passes; the images are OpenCV's on both sides, so only the
+  # float32 summation order differs.
+  np.testing.assert_allclose(got.scores, want, atol=1e-4)
+  np.testing.assert_array_equal(got.prediction, want.argmax(-1))
   assert np.allclose(got.scores.sum(-1), len(s.passes), atol=1e-4)
 
 
-def test_image_resize_matches_pytorch_bilinear_within_one_grey_level():
-  rng = np.random.default_rng(6)
-  image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
-  s = settings(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop=(64, 96), stride=(64, 96))
-  hs, ws = 61, 88  # Upsampling, different factors per axis.
-  shape = ev.PassShape(1, 1, 64, 96, 64, 96)
-  windows = ev._cut_windows(
-      jnp.asarray(image[None]), jnp.asarray([[37, 53]], jnp.int32),
-      jnp.asarray([[hs, ws]], jnp.int32), np.bool_(False), shape=shape, orig=(37, 53),
-      settings=s, layout=(1, 1, 1), sharding=jax.sharding.SingleDeviceSharding(
-          jax.devices()[0]))
-  got = np.asarray(windows[0])
-  want = np.clip(np.floor(np_resize(image, hs, ws) + 0.5), 0, 255)
-  diff = np.abs(got[:hs, :ws] - want)
-  assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
-  assert not got[hs:].any() and not got[:, ws:].any()  # padding is 0 after normalisation
+def window_recorder(num_classes=C):
+  """A 'model' that keeps every window it is given, in call order, and returns zeros."""
+  seen = []
+
+  def logits_fn(windows):
+    seen.append(np.asarray(windows))
+    n, h, w, _ = windows.shape
+    return np.zeros((n, -(-h // PATCH), -(-w // PATCH), num_classes), np.float32)
+
+  return logits_fn, seen
+
+
+# Down and up, both axes and one, odd factors, exact halving (OpenCV's INTER_AREA case).
+RESIZE_CASES = [(20, 27), (64, 64), (37, 53), (61, 30), (17, 90), (100, 133), (9, 11)]
+
+
+@pytest.mark.parametrize("size", RESIZE_CASES)
+def test_model_sees_opencv_resized_windows_bit_for_bit(size):
+  """The windows reaching the model are mmcv's: cv2.resize(INTER_LINEAR) of the uint8
+  image to each test scale, flipped after the resize, cut at mmseg's window positions;
+  pixels beyond the image are 0 (identity normalisation here)."""
+  s = settings(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), test_scale=(64, 32), crop=(32, 32),
+               stride=(24, 24), ratios=(0.5, 0.75, 1.0, 1.3, 1.75), flip=True)
+  (record,) = make_records([size], seed=sum(size))
+  logits_fn, seen = window_recorder()
+  run(logits_fn, [record], s, images_per_batch=1, windows_per_call=1)
+  want = []
+  for scale, flip in s.passes:
+    hs, ws = ev.rescale_size(*size, scale)
+    img = cv2.resize(record["image"], (ws, hs), interpolation=cv2.INTER_LINEAR)
+    img = img[:, ::-1] if flip else img
+    for i in range(ev.num_windows(hs, 32, 24)):
+      for j in range(ev.num_windows(ws, 32, 24)):
+        y2, x2 = min(i * 24 + 32, hs), min(j * 24 + 32, ws)
+        want.append(img[max(y2 - 32, 0):y2, max(x2 - 32, 0):x2])
+  assert len(seen) == len(want)
+  for got, win in zip(seen, want):
+    th, tw = win.shape[:2]
+    assert got.shape[1:3] == (-(-th // PATCH) * PATCH, -(-tw // PATCH) * PATCH)
+    np.testing.assert_array_equal(got[0, :th, :tw], win)
+    assert not got[0, th:].any() and not got[0, :, tw:].any()
 
 
 def test_batched_sharded_run_matches_per_image_reference_and_confusion():
