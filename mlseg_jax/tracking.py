@@ -67,10 +67,6 @@ class Tracker:
   def __init__(self, writer=None, wandb_run=None):
     self.writer, self.wandb_run = writer, wandb_run
 
-  @property
-  def enabled(self) -> bool:
-    return self.writer is not None or self.wandb_run is not None
-
   def scalars(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
     named = {f"{prefix}/{k}" if prefix else k: float(v) for k, v in scalars.items()}
     if self.writer is not None:

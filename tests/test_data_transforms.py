@@ -13,7 +13,7 @@ from mlseg_jax.data import transforms as T
 # The reference's transforms one after the other (the product fuses them: TrainTransform).
 def _resize(image, label, scale):
   """mmseg Resize with a fixed scale, keep ratio: image bilinear, label nearest."""
-  h, w = T.resized_shape(*image.shape[:2], scale, True)
+  h, w = T.rescale_size(*image.shape[:2], scale)
   return T.resize_image(image, h, w), T.resize_label(label, h, w)
 
 

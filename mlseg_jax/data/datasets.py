@@ -489,14 +489,6 @@ def match_files(image_dir: epath.Path, label_dir: epath.Path, *,
   return Pairing(pairs, unpaired, error)
 
 
-def pair_files(image_dir: epath.Path, label_dir: epath.Path, **kw) -> list[tuple[str, str, str]]:
-  """[(image, label, name)] of `match_files`; raises naming the files without a partner."""
-  pairing = match_files(image_dir, label_dir, **kw)
-  if pairing.error:
-    raise errors.DataError(pairing.error)
-  return pairing.pairs
-
-
 # Split names each layout uses, and the usual aliases for them.
 _SPLIT_ALIASES = {
     "ade20k": {"train": "training", "val": "validation"},

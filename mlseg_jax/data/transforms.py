@@ -46,11 +46,6 @@ def sample_scale(rng: np.random.Generator, img_scale: Sequence[int],
   return int(img_scale[0] * ratio), int(img_scale[1] * ratio)
 
 
-def resized_shape(h: int, w: int, scale: Sequence[int], keep_ratio: bool) -> tuple[int, int]:
-  """(new_h, new_w) for mmseg's Resize; without keep_ratio `scale` is (w, h) as in mmcv."""
-  return rescale_size(h, w, scale) if keep_ratio else (int(scale[1]), int(scale[0]))
-
-
 def resize_image(image: np.ndarray, out_h: int, out_w: int, window: Box | None = None):
   """Bilinear resize of uint8 (H, W, C) to (out_h, out_w) as mmcv.imresize does
   (cv2.INTER_LINEAR), or only the `window` (y0, y1, x0, x1) of it."""
