@@ -158,8 +158,15 @@ def import_onnx_converter():
 
 
 @contextlib.contextmanager
-def _quiet_converter():
-  """jax2onnx warns about plugins for libraries we do not use and prints debug lines."""
+def _contained_converter():
+  """jax2onnx warns about plugins for libraries we do not use, prints debug lines, and its
+  plugins replace functions of jax's own namespaces for good when they load (jax2onnx 0.12
+  swaps `jnp.cumsum` for a wrapper that refuses a positional axis): the caller's process gets
+  its log levels, its stdout and jax's functions back afterwards."""
+  import jax
+
+  namespaces = [jax, jax.numpy, jax.lax, jax.nn, jax.image, jax.random]
+  saved = [dict(vars(ns)) for ns in namespaces]
   loggers = [pylogging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
   levels = [lg.level for lg in loggers]
   for lg in loggers:
@@ -170,6 +177,10 @@ def _quiet_converter():
   finally:
     for lg, level in zip(loggers, levels):
       lg.setLevel(level)
+    for ns, before in zip(namespaces, saved):
+      for name, value in before.items():
+        if vars(ns).get(name) is not value:
+          setattr(ns, name, value)
 
 
 def export_onnx(forward, window: Sequence[int], batch: int | None, names: Sequence[str],
@@ -183,7 +194,7 @@ def export_onnx(forward, window: Sequence[int], batch: int | None, names: Sequen
     return tuple(out[name] for name in names)
 
   n = SYMBOLIC_BATCH if batch is None else batch
-  with _quiet_converter():
+  with _contained_converter():
     model = jax2onnx.to_onnx(outputs, [(n, *window, 3)], model_name="mlseg_jax_window",
                              opset=opset, input_names=[INPUT_NAME], output_names=list(names))
   _int32_topk_indices(model.graph)

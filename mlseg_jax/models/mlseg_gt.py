@@ -54,7 +54,7 @@ class SelectedLayerNorm(nn.Module):
     x = x.astype(jnp.float32)
     present = label_set[:, None, :]  # (B, 1, n_cls)
     k = label_set.sum(-1)[:, None, None].astype(jnp.float32)  # (B, 1, 1)
-    slot = jnp.maximum(jnp.cumsum(label_set, -1) - 1, 0)[:, None, :]  # (B, 1, n_cls)
+    slot = jnp.maximum(jnp.cumsum(label_set, axis=-1) - 1, 0)[:, None, :]  # (B, 1, n_cls)
     mean = jnp.where(present, x, 0.0).sum(-1, keepdims=True) / k
     dev = jnp.where(present, x - mean, 0.0)
     var = (dev * dev).sum(-1, keepdims=True) / jnp.maximum(k - 1, 1)
