@@ -23,6 +23,7 @@ import urllib.request
 
 import jax
 from absl import logging
+from jax._src import distributed as jax_distributed  # Its coordination client: no public name.
 from jax.experimental import multihost_utils
 
 COORDINATOR_ENV = "MLSEG_COORDINATOR"
@@ -175,6 +176,27 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
 def is_main_process():
   """Process 0 writes logs, TensorBoard and other single-writer files."""
   return jax.process_index() == 0
+
+
+def align(name: str, timeout_s: float = 900) -> None:
+  """Blocks until every process reaches `name`, waiting up to `timeout_s`.
+
+  Before a program's first cross-process collective: on CPU, gloo gives a new group of
+  processes 30 s to meet, and one process may still be compiling minutes after another
+  (a loaded host). The coordination service's barrier waits as long as we say; a process
+  that died fails it at once. Falls back to `sync` where JAX does not expose it."""
+  if jax.process_count() == 1:
+    return
+  client = getattr(getattr(jax_distributed, "global_state", None), "client", None)
+  if client is None or not hasattr(client, "wait_at_barrier"):
+    sync(name)
+    return
+  # Every process calls in the same order: the count makes each barrier's id new.
+  _aligned.append(name)
+  client.wait_at_barrier(f"mlseg_jax/{len(_aligned)}/{name}", int(timeout_s * 1000))
+
+
+_aligned: list[str] = []
 
 
 def sync(name):

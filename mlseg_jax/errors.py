@@ -17,6 +17,7 @@ import sys
 from typing import Callable, NoReturn
 
 from absl import app, flags
+from mlseg_jax import configs
 
 EXIT_CODE = 2
 TRACEBACK_ENV = "MLSEG_TRACEBACK"
@@ -140,6 +141,7 @@ def run(main: Callable, *, module: str | None = None, argv=None) -> NoReturn:
   def parse(args):
     if any(a in ("-h", "--help", "-help", "--helpshort", "-?") for a in args[1:]):
       _print_help(module)
+    args = configs.resolve_config_flags(args)
     try:
       rest = flags.FLAGS(args)
       for name in flags.FLAGS:

@@ -54,6 +54,7 @@ def evaluate_params(evaluators: Sequence[evaluators_lib.Evaluator], params, *,
   main = distributed.is_main_process()
   for evaluator in evaluators:
     kind = evaluator.name
+    distributed.align(f"evaluation {kind}")  # `--mode eval`'s processes start at their pace.
     results = dict(evaluator.run(params))
     name = f"step_{step}_{kind}" if step is not None else kind
     drawn = {}

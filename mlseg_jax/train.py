@@ -498,6 +498,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                        _count(getattr(reader, "num_records", None)), dict(mesh.shape),
                        mesh.size, describe_devices(mesh), jax.process_count(),
                        describe_compiled_step(step_fn, state, batch))
+          distributed.align("first train step")
         state, metrics = step_fn(state, batch)
         step += 1
         logged = progress.update(step, metrics)

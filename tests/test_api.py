@@ -5,12 +5,12 @@ import pytest
 from PIL import Image
 
 import mlseg_jax
-from conftest import REPO
+from mlseg_jax.data.datasets import QUICKSTART_DATA
 from mlseg_jax import errors, evaluation_runner, train
 from mlseg_jax.predict import colorize
 from test_train import random_batches, tiny_train_config
 
-IMAGES = sorted((REPO / "data" / "camvid_subset" / "images" / "val").iterdir())[:3]
+IMAGES = sorted((QUICKSTART_DATA / "images" / "val").iterdir())[:3]
 
 
 @pytest.fixture(scope="module")

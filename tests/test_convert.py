@@ -16,6 +16,7 @@ import safetensors.numpy
 import torch
 
 from conftest import REPO, tiny_model_config
+from mlseg_jax.data.datasets import QUICKSTART_DATA
 from mlseg_jax import convert, pretrained
 from mlseg_jax.convert import ConversionError
 
@@ -358,7 +359,7 @@ def _one_line_error(run, *needles):
 
 def test_files_that_are_not_checkpoints_are_named_whatever_their_suffix(tmp_path):
   (tmp_path / "notes.npz").write_text("a text file\n")
-  jpeg = next((REPO / "data" / "camvid_subset").rglob("*.jpg"))
+  jpeg = next(QUICKSTART_DATA.glob("images/train/*.jpg"))
   (tmp_path / "photo.safetensors").write_bytes(jpeg.read_bytes())
   for name in ("notes.npz", "photo.safetensors"):
     run = _cli("--format", "timm", "--input", tmp_path / name, "--config",

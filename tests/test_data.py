@@ -9,6 +9,7 @@ import PIL.Image
 import pytest
 import scipy.io
 
+from mlseg_jax.data.datasets import QUICKSTART_DATA
 from mlseg_jax import IGNORE_LABEL
 from mlseg_jax import data
 from mlseg_jax import errors
@@ -17,7 +18,7 @@ from mlseg_jax.data import datasets
 from mlseg_jax.data import prepare
 
 SHARED = pathlib.Path(__file__).parents[2] / "shared" / "data"
-SUBSET = pathlib.Path(__file__).parents[1] / "data" / "camvid_subset"
+SUBSET = QUICKSTART_DATA
 
 
 def _config(name, root, **kw):

@@ -20,10 +20,11 @@ from etils import epath
 from conftest import REPO, tiny_model_config
 from gcs_server import gcs_bucket  # noqa: F401  (the fixture)
 from test_convert import _assert_trees_equal
+from mlseg_jax.data.datasets import QUICKSTART_DATA
 from mlseg_jax import convert, metrics, predict, pretrained, train
 from mlseg_jax.tensorboard import open_summary_writer
 
-CAMVID = REPO / "data" / "camvid_subset"
+CAMVID = QUICKSTART_DATA
 
 
 def _copy_camvid(dst, per_split=None):

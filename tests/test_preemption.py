@@ -13,7 +13,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,9 @@ OVERRIDES = [
     "--config.train.checkpoint_every=4", "--config.train.eval_every=6",
 ]
 EXIT_WITHIN_S = 60  # After the signal: a stop, its checkpoint and the teardown.
+# Signalled runs in the random-moment test: 12 in CI (20 s each on 2 cores); set
+# MLSEG_TEST_SIGNAL_TRIES=30 or more for a longer hunt.
+TRIES = int(os.environ.get("MLSEG_TEST_SIGNAL_TRIES", "12"))
 
 
 def _env(devices=8, **extra):
@@ -140,13 +142,13 @@ def _saved_steps(workdir):
 @pytest.mark.slow
 def test_signals_at_random_moments_always_end_in_a_complete_resumable_checkpoint(
     uninterrupted, tmp_path):
-  """30 runs, each sent SIGTERM or SIGINT (a third of them twice) at a random moment.
+  """TRIES runs, each sent SIGTERM or SIGINT (a third of them twice) at a random moment.
 
   Each interrupted run is resumed by the next one in its workdir; a workdir whose run
   reaches the end is compared bitwise with the uninterrupted run, and a new one begins.
   """
   rng = random.Random(20261201)
-  tries, counts, phases = 30, collections.Counter(), collections.Counter()
+  tries, counts, phases = TRIES, collections.Counter(), collections.Counter()
   chain, workdir, stopped_at = 0, tmp_path / "chain0", None
   for attempt in range(tries):
     sig = (signal.SIGTERM, signal.SIGINT)[attempt % 2]
@@ -306,56 +308,3 @@ def test_killed_during_the_final_evaluation_the_rerun_writes_the_results(tmp_pat
   # A third run has nothing left to do.
   again = Run(_command(tmp_path, 8, "--config.train.eval_every=8"), _env())
   assert again.wait(300) == 0 and "evaluating" not in again.output, again.output[-3000:]
-
-
-# ---------------------------------------------------------------------------------------
-# Two processes x 4 CPU devices: every process stops at the same step.
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _two_processes(workdir, total):
-  port = _free_port()
-  return [Run(_command(workdir, total, "--config.train.checkpoint_every=1000",
-                       f"--config.train.eval_every={total}"),
-              _env(devices=4, MLSEG_COORDINATOR=f"127.0.0.1:{port}",
-                   MLSEG_NUM_PROCESSES="2", MLSEG_PROCESS_ID=str(pid)))
-          for pid in range(2)]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("who", ["one process", "both, at different steps"])
-def test_two_processes_stop_at_one_step_with_one_complete_checkpoint(tmp_path, who):
-  total = 60
-  procs = _two_processes(tmp_path, total)
-  try:
-    assert procs[0].wait_for(r"step 3/"), procs[0].output[-3000:]
-    if who == "one process":
-      procs[1].proc.send_signal(signal.SIGTERM)
-    else:
-      procs[0].proc.send_signal(signal.SIGTERM)
-      # The next step (unless the agreement was quicker), then the other process.
-      procs[0].wait_for(r"step [4-9]/|stopped at step")
-      if procs[1].proc.poll() is None:
-        procs[1].proc.send_signal(signal.SIGINT)
-    rcs = [p.wait(120) for p in procs]
-  finally:
-    for p in procs:
-      if p.proc.poll() is None:
-        p.proc.kill()
-  outputs = [p.output for p in procs]
-  assert rcs == [preemption.EXIT_CODE] * 2, [o[-3000:] for o in outputs]
-  steps = {int(re.search(r"stopped at step (\d+)", o).group(1)) for o in outputs}
-  assert len(steps) == 1, steps
-  (step,) = steps
-  assert 3 <= step < total and _saved_steps(tmp_path) == [step]
-  # One process of 8 devices resumes it and finishes.
-  resumed = Run(_command(tmp_path, total, "--config.train.checkpoint_every=1000",
-                         f"--config.train.eval_every={total}"), _env())
-  assert resumed.wait(600) == 0, resumed.output[-3000:]
-  assert f"at step {step}" in resumed.output
-  assert (tmp_path / "eval" / f"step_{total}_ss.json").exists()

@@ -11,7 +11,7 @@ import pytest
 from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 
-from conftest import REPO
+from mlseg_jax.data.datasets import QUICKSTART_DATA
 from mlseg_jax import data
 
 
@@ -30,7 +30,7 @@ def gcs_camvid(monkeypatch):
     monkeypatch.setitem(registry._registry, name, FakeGCS)
   FakeGCS.store.clear()
   FakeGCS.pseudo_dirs[:] = [""]
-  src, dst = REPO / "data" / "camvid_subset", epath.Path("gs://bucket/camvid")
+  src, dst = QUICKSTART_DATA, epath.Path("gs://bucket/camvid")
   for split in ("train", "val"):
     for kind in ("images", "labels"):
       (dst / kind / split).mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,7 @@ def _config(root):
 
 def test_dataset_on_a_gcs_path_reads_like_the_local_one(gcs_camvid):
   remote = data.get_dataset(_config(gcs_camvid), "train")
-  local = data.get_dataset(_config(str(REPO / "data" / "camvid_subset")), "train")
+  local = data.get_dataset(_config(str(QUICKSTART_DATA)), "train")
   assert len(remote) == 6
   for i in range(len(remote)):
     r = remote[i]

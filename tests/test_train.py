@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_model_config
+from mlseg_jax.data.datasets import QUICKSTART_DATA
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax import checkpoints
 from mlseg_jax import train
@@ -25,7 +26,7 @@ def tiny_train_config(decoder="mask_transformer", **train_overrides):
   config.model = tiny_model_config(decoder=decoder, num_classes=11, topk=4, pool_grid=2)
   config.lock()
   config.data.name = "camvid"
-  config.data.root = str(REPO / "data" / "camvid_subset")
+  config.data.root = str(QUICKSTART_DATA)
   config.data.crop_size = (64, 64)
   config.data.img_scale = (120, 90)
   config.data.test_scale = (120, 90)

@@ -61,11 +61,16 @@ ON_ERROR = ("raise", "skip")
 RECORD_ERRORS = (ValueError, OSError)
 
 
+# The CamVid subset shipped inside the package (data/camvid_subset in a checkout links to
+# it), so the quickstart runs from a clone and from an installed wheel alike.
+QUICKSTART_DATA = epath.Path(__file__).parents[1] / "assets" / "camvid_subset"
+
+
 def default_config() -> ml_collections.ConfigDict:
   """The `config.data` fields the trainer and evaluator read, with usable defaults."""
   c = ml_collections.ConfigDict()
   c.name = "camvid"  # ade20k|coco_stuff10k|pascal_context|ade20k_full|coco_lvis|camvid|folder|tfds
-  c.root = str(epath.Path(__file__).parents[2] / "data" / "camvid_subset")
+  c.root = str(QUICKSTART_DATA)
   c.format = "files"  # or "array_record": root is a folder written by `prepare pack`.
   c.train_split = ""  # "" = the dataset's own name for it (ADE20K: "training", ...).
   c.val_split = ""
