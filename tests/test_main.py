@@ -43,7 +43,7 @@ def test_quickstart_trains_evaluates_and_predicts(tmp_path):
   wrong = _main("--config", "configs/quickstart.py", "--workdir", str(workdir), "--mode",
                 "eval", "--config.model.topk=5", check=False)
   _assert_user_error(wrong, "model.backbone_depth: 6 here, 2 in",
-                     "model.topk: 5 here, 6 in")
+                     "model.topk: 5 here, 9 in")
 
   out = _main(*config, "--mode", "eval", "--config.eval.multi_scale=True",
               "--config.eval.scales=(0.75,1.0)")

@@ -1,10 +1,15 @@
 """Quickstart: a small Segmenter + MLSeg on the CamVid subset in the repo, on a laptop CPU.
 
-A few minutes on 2 cores: ViT-Ti/16 (6 layers) from scratch, 128x128 crops of CamVid
-downscaled to 240x180, 300 AdamW steps, then a single-scale sliding-window evaluation on
-the bundled validation images. It exercises every part a paper row uses (the pipeline
-with the reference augmentations, the MLSeg head and its losses, the sharded step,
-Orbax checkpoints, evaluation); it is not meant to reach a good mIoU.
+About three minutes on 2 cores: ViT-Ti/16 (6 layers) from scratch, 128x128 crops of CamVid
+downscaled to 240x180, 1,000 AdamW steps, then a single-scale sliding-window evaluation on
+the bundled validation images. It exercises every part a paper row uses (the pipeline, the
+MLSeg head and its losses, the sharded step, Orbax checkpoints, evaluation).
+
+Tuned for what 32 images and three minutes can learn (README, "Quickstart", has the table of
+what was tried): a model this far from fitting its training images gains from less
+augmentation (no photometric distortion, scales 0.75-1.5 instead of 0.5-2), no dropout, and
+k = 9 of the 11 classes (a CamVid image holds most of them; k = 6 shuts out classes that
+are there).
 """
 
 from mlseg_jax.configs.common import get_base_config, parse_arg
@@ -21,12 +26,13 @@ def get_config(arg=None):
   m.d_model, m.n_heads, m.d_ff = 192, 3, 768
   m.decoder = "mlseg"
   m.n_layers = 3
-  m.topk = 6
+  m.topk = 9
   m.pool_grid = 4
   m.img_loss = "asl"
   m.gamma_neg, m.gamma_pos = 2.0, 0.0
   m.img_loss_weight = 1.0
   m.drop_path_rate = 0.0
+  m.dropout = 0.0
 
   d = config.data
   d.name = "camvid"
@@ -35,6 +41,8 @@ def get_config(arg=None):
   d.img_scale = (240, 180)
   d.test_scale = (240, 180)
   d.num_workers = 0
+  d.photometric = False
+  d.ratio_range = (0.75, 1.5)
 
   config.optim.name = "adamw"
   config.optim.lr = 1e-3
@@ -44,10 +52,10 @@ def get_config(arg=None):
 
   t = config.train
   t.batch_size = 8
-  t.total_steps = 300
-  t.log_every = 25
-  t.checkpoint_every = 100
-  t.eval_every = 300
+  t.total_steps = 1000
+  t.log_every = 100
+  t.checkpoint_every = 250
+  t.eval_every = 1000
   config.eval.stride = (128, 128)
   # Sample pictures in TensorBoard stay off: with 2 CPU devices their second sliding-window
   # pass can stall in XLA:CPU's all-gather (seen in tests/test_main.py); opt in with N > 0.
