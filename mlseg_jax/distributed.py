@@ -17,6 +17,7 @@ part in checkpoint saves (Orbax coordinates them) and `sync(name)` is a named ba
 """
 
 import glob
+import itertools
 import os
 import urllib.error
 import urllib.request
@@ -192,11 +193,10 @@ def align(name: str, timeout_s: float = 900) -> None:
     sync(name)
     return
   # Every process calls in the same order: the count makes each barrier's id new.
-  _aligned.append(name)
-  client.wait_at_barrier(f"mlseg_jax/{len(_aligned)}/{name}", int(timeout_s * 1000))
+  client.wait_at_barrier(f"mlseg_jax/{next(_barrier_ids)}/{name}", int(timeout_s * 1000))
 
 
-_aligned: list[str] = []
+_barrier_ids = itertools.count(1)
 
 
 def sync(name):
