@@ -46,9 +46,13 @@ How it runs here, with static shapes and nothing per window in Python:
     patch by default: exactly the reference's model input, one model compilation per
     distinct small size); its logits grid is zero-padded to the crop's before the resize
     stages, so those compile once per crop-sized pass shape whatever the small size.
-  - Windows are cut with `lax.dynamic_slice` and sent to `logits_fn` in fixed-size chunks
-    (`windows_per_call` per host), windows of several images together, sharded over the
-    mesh's data axis. Chunks holding only padding are skipped.
+  - Windows are cut with `lax.dynamic_slice` and sent to `logits_fn` `windows_per_call` per
+    host at a time, windows of several images together, sharded over the mesh's data axis;
+    the windows left after the full calls go in calls of a power of two times the host's
+    device count (`call_sizes`: 6 left of 8 -> 4 + 2), so padding is never computed past
+    the last device's share and a forward compiles for a few sizes only. A batch whose bin
+    flushed part-full (the last images of a shape) runs with the power of two of image
+    slots that holds them (`image_slots`), not `images_per_batch`.
   - The argmax and the confusion matrix are computed on device; one int32 matrix per host and
     batch comes back and is added to an int64 accumulator (`metrics.py` sums hosts).
   - Hosts: image i belongs to process i % process_count (every image exactly once; the
@@ -352,12 +356,12 @@ def _cut_windows(images, scaled_hw, flip, *, shape: PassShape, settings: EvalSet
   return _constrain(_to_blocks(windows, *layout), sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "chunk", "sharding"))
-def _take_chunk(windows, index, *, blocks: int, chunk: int, sharding):
-  """Chunk `index` of every host's windows: (blocks * chunk, wh, ww, 3)."""
+@functools.partial(jax.jit, static_argnames=("blocks", "size", "sharding"))
+def _take_chunk(windows, offset, *, blocks: int, size: int, sharding):
+  """Windows offset .. offset + size of every host's part: (blocks * size, ...)."""
   w = windows.reshape(blocks, -1, *windows.shape[1:])
-  w = jax.lax.dynamic_slice_in_dim(w, index * chunk, chunk, axis=1)
-  return _constrain(w.reshape(blocks * chunk, *w.shape[2:]), sharding)
+  w = jax.lax.dynamic_slice_in_dim(w, offset, size, axis=1)
+  return _constrain(w.reshape(blocks * size, *w.shape[2:]), sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("per_image", "layout", "sharding"))
@@ -368,13 +372,14 @@ def _window_classes(classes, *, per_image: int, layout: tuple[int, int, int], sh
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "sharding"), donate_argnums=0)
-def _put_chunk(buffer, values, index, *, blocks: int, sharding):
+def _put_chunk(buffer, values, offset, *, blocks: int, sharding):
+  """`values` of one model call into every host's part of `buffer` at `offset`."""
   # A small window's logits grid goes into the crop-sized grid of the buffer, zero-padded.
   values = jnp.pad(values.astype(buffer.dtype),
                    [(0, 0)] + [(0, b - v) for b, v in zip(buffer.shape[1:], values.shape[1:])])
   b = buffer.reshape(blocks, -1, *buffer.shape[1:])
   v = values.reshape(blocks, -1, *values.shape[1:])
-  b = jax.lax.dynamic_update_slice_in_dim(b, v, index * v.shape[1], axis=1)
+  b = jax.lax.dynamic_update_slice_in_dim(b, v, offset, axis=1)
   return _constrain(b.reshape(buffer.shape), sharding)
 
 
@@ -646,6 +651,29 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def call_sizes(n: int, largest: int, unit: int = 1) -> list[int]:
+  """Sizes of the model calls that cover `n` windows: `largest` while that many are left,
+  then the rest rounded up to `unit` in calls of unit * 2^j, largest first (6 of at most 8
+  -> [4, 2]; 13 -> [8, 4, 1]). Nothing beyond the last `unit` is computed, and a forward
+  compiles for at most 1 + log2(largest / unit) sizes."""
+  sizes = [largest] * (n // largest)
+  rest = _round_up(n - largest * len(sizes), unit) // unit
+  bit = 1 << max(rest.bit_length() - 1, 0)
+  while rest:
+    if rest & bit:
+      sizes.append(unit * bit)
+      rest -= bit
+    bit >>= 1
+  return sizes
+
+
+def image_slots(n: int, largest: int, unit: int = 1) -> int:
+  """Image slots of a batch holding at most `n` images per process: the power of two that
+  holds them (a multiple of `unit`), at most `largest`; few distinct shapes, little padding
+  where a bin flushes part-full."""
+  return min(largest, _round_up(1 << max(n - 1, 0).bit_length(), unit))
+
+
 def _check_record(record: dict[str, Any], num_classes: int, with_labels: bool):
   name = record.get("name", "<unnamed>")
   for key in ("image",) + (("label",) if with_labels else ()):
@@ -702,8 +730,9 @@ class _Run:
   sharding: NamedSharding
   blocks: int  # processes: each holds one contiguous block of every sharded array
   shards: int  # devices over the data axes
-  images: int  # image slots per process and batch
-  chunk: int  # windows per process and model call
+  images: int  # most image slots per process and batch
+  chunk: int  # most windows per process and model call
+  unit: int  # devices of this process over the data axes: the smallest share of a call
   with_labels: bool
   gt_classes: bool  # logits_fn also takes each window's image class set (+GT)
   keep_predictions: bool
@@ -728,7 +757,7 @@ def _make_run(logits_fn, settings: EvalSettings, *, num_classes: int, topk: int 
   return _Run(logits_fn=logits_fn, settings=settings, num_classes=num_classes, topk=topk,
               mesh=mesh, spec=spec, sharding=NamedSharding(mesh, spec), blocks=blocks,
               shards=shards, images=_round_up(max(images_per_batch, 1), local_shards),
-              chunk=_round_up(max(windows_per_call, 1), local_shards),
+              chunk=_round_up(max(windows_per_call, 1), local_shards), unit=local_shards,
               with_labels=with_labels, gt_classes=gt_classes,
               keep_predictions=keep_predictions, keep_scores=keep_scores)
 
@@ -745,12 +774,17 @@ def _shape_of(run: _Run, record: dict[str, Any]) -> BatchShape:
   return run.settings.batch_shape(*record["image"].shape[:2])
 
 
+def _slots(run: _Run, batch: _Batch) -> int:
+  """Image slots per process of `batch`: a bin flushed part-full runs at a smaller size."""
+  return image_slots(batch.max_items, run.images, run.unit)
+
+
 def _host_inputs(run: _Run, batch: _Batch) -> dict[str, Any]:
   """This process's slots of `batch` (records from `prepare_record`) as zero-padded arrays:
   per scale the resized images (bl, canvas_h, canvas_w, 3) and their sizes (bl, 2), the
   original sizes (bl, 2), labels (bl, Ho, Wo) and, for +GT, per scale each image's class
   set (bl, C)."""
-  bl, s = run.images, run.settings
+  bl, s = _slots(run, batch), run.settings
   canvases = [batch.shape.passes[k * len(s.flips)] for k in range(len(s.scales))]
   ho, wo = batch.shape.orig_h, batch.shape.orig_w
   out = dict(scaled=[np.zeros((bl, c.canvas_h, c.canvas_w, 3), np.uint8) for c in canvases],
@@ -773,20 +807,17 @@ def _host_inputs(run: _Run, batch: _Batch) -> dict[str, Any]:
   return out
 
 
-def _chunk(run: _Run, x, index):
-  return _take_chunk(x, index, blocks=run.blocks, chunk=run.chunk, sharding=run.sharding)
-
-
-def _run_model(run: _Run, windows, classes, n_calls: int, ps: PassShape, layout):
-  """logits_fn over the first n_calls chunks -> logits grids and image logits, laid out
-  like the windows (chunks never run stay 0; they only hold padding slots)."""
+def _run_model(run: _Run, windows, classes, n_windows: int, ps: PassShape, layout):
+  """logits_fn over the first n_windows windows of every process's part (`call_sizes` at a
+  time) -> logits grids and image logits, laid out like the windows (windows never run stay
+  0; they only hold padding slots)."""
   grids = image_logits = None
-  for i in range(n_calls):
-    index = np.int32(i)
-    args = [_chunk(run, windows, index)]
-    if classes is not None:
-      args.append(_chunk(run, classes, index))
-    logits, il = _unpack_model_output(run.logits_fn(*args), run.blocks * run.chunk,
+  sizes = call_sizes(n_windows, run.chunk, run.unit)
+  for size, start in zip(sizes, np.cumsum([0] + sizes[:-1])):
+    index = np.int32(start)  # Traced: one program per call size, whatever the offset.
+    take = functools.partial(_take_chunk, blocks=run.blocks, size=size, sharding=run.sharding)
+    args = [take(windows, index)] + ([] if classes is None else [take(classes, index)])
+    logits, il = _unpack_model_output(run.logits_fn(*args), run.blocks * size,
                                       (ps.window_h, ps.window_w), run.settings.patch_size,
                                       run.num_classes)
     if grids is None:
@@ -812,15 +843,15 @@ def _run_pass(run: _Run, batch: _Batch, p: int, inputs: dict[str, Any], totals: 
   (_, flip), ps = run.settings.passes[p], batch.shape.passes[p]
   k = run.settings.scale_index(p)
   flip, scaled = np.bool_(flip), inputs["scaled_hw"][k]
-  per_host = run.images * ps.rows * ps.cols
-  layout = (run.blocks, per_host, _round_up(per_host, run.chunk))
+  per_host = _slots(run, batch) * ps.rows * ps.cols
+  layout = (run.blocks, per_host, _round_up(per_host, run.unit))
   common = dict(settings=run.settings, layout=layout, sharding=run.sharding)
   windows = _cut_windows(inputs["scaled"][k], scaled, flip, shape=ps, **common)
   classes = (None if inputs["classes"] is None else _window_classes(
       inputs["classes"][k], per_image=ps.rows * ps.cols, layout=layout, sharding=run.sharding))
   # Only the first max_items images of each process's part hold an image anywhere.
-  n_calls = -(-batch.max_items * ps.rows * ps.cols // run.chunk)
-  grids, image_logits = _run_model(run, windows, classes, n_calls, ps, layout)
+  grids, image_logits = _run_model(run, windows, classes, batch.max_items * ps.rows * ps.cols,
+                                   ps, layout)
   # After the model, every small-window size of this pass shares one program.
   common["shape"] = ps.at_crop(run.settings.crop)
   scores, image_scores, selected = totals
@@ -829,7 +860,7 @@ def _run_pass(run: _Run, batch: _Batch, p: int, inputs: dict[str, Any], totals: 
                      softmax=len(run.settings.passes) > 1, **common)
   if image_logits is not None:
     if image_scores is None:
-      shape = (run.blocks * run.images, run.num_classes)
+      shape = (run.blocks * _slots(run, batch), run.num_classes)
       image_scores = _full(shape=shape, value=-np.inf, dtype=jnp.float32, sharding=run.sharding)
       selected = _full(shape=shape, value=False, dtype=jnp.bool_, sharding=run.sharding)
     image_scores, selected = _add_image_logits(image_scores, selected, image_logits, scaled,
@@ -852,7 +883,7 @@ def _dispatch(run: _Run, batch: _Batch) -> dict[str, jax.Array | None]:
   scores, image_scores, selected = totals
   ho, wo = batch.shape.orig_h, batch.shape.orig_w
   labels = (_to_device(run, host["labels"]) if run.with_labels else
-            _full(shape=(run.blocks * run.images, ho, wo), value=IGNORE_LABEL,
+            _full(shape=(run.blocks * _slots(run, batch), ho, wo), value=IGNORE_LABEL,
                   dtype=jnp.int32, sharding=run.sharding))
   preds, counts = _predict_and_count(scores, labels, num_classes=run.num_classes,
                                      groups=run.shards, sharding=run.sharding)

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from mlseg_jax import IGNORE_LABEL
 from mlseg_jax import evaluate as ev
 from mlseg_jax import metrics as metrics_lib
+from mlseg_jax.data.datasets import QUICKSTART_DATA
 from mlseg_jax.resize import linear_matrix
 
 PATCH = 8
@@ -288,6 +289,62 @@ def test_batched_sharded_run_matches_per_image_reference_and_confusion():
     assert results[k] == pytest.approx(want[k], abs=1e-12)
 
 
+def counting(model):
+  """`model`, recording the number of windows of each call."""
+  calls = []
+
+  def logits_fn(x):
+    calls.append(x.shape[0])
+    return model(x)
+
+  return logits_fn, calls
+
+
+def windows_needed(records, s):
+  return sum(p.rows * p.cols for r in records
+             for p in s.batch_shape(*r["image"].shape[:2]).passes)
+
+
+def test_call_sizes_cover_what_is_left_in_few_static_sizes():
+  for largest, unit in [(8, 1), (8, 2), (6, 1), (32, 8), (8, 8)]:
+    allowed = {largest} | {unit * 2 ** j for j in range(8) if unit * 2 ** j < largest}
+    for n in range(1, 70):
+      sizes = ev.call_sizes(n, largest, unit)
+      assert sum(sizes) == -(-n // unit) * unit  # Nothing past the last device's share.
+      assert set(sizes) <= allowed and sizes == sorted(sizes, reverse=True)
+  assert ev.call_sizes(6, 8) == [4, 2] and ev.call_sizes(13, 8) == [8, 4, 1]
+  assert [ev.image_slots(n, 4) for n in range(1, 6)] == [1, 2, 4, 4, 4]
+  assert [ev.image_slots(n, 8, 2) for n in (1, 2, 3, 5)] == [2, 2, 4, 8]
+
+
+def test_calls_compute_only_the_windows_the_images_have():
+  """Images of three shapes, each alone in its bin, at several scales: the model sees
+  exactly the windows the images have (nothing padded to windows_per_call or to
+  images_per_batch), in at most 1 + log2(8) call sizes, and the numbers stay the
+  reference's."""
+  model = pooled_linear_model(seed=12)
+  records = make_records([(40, 88), (88, 40), (72, 72)], seed=13)
+  s = settings(test_scale=(96, 48), crop=(32, 32), stride=(24, 24), ratios=(0.5, 1.0, 1.5),
+               flip=True)
+  logits_fn, calls = counting(model)
+  got = run(logits_fn, records, s, images_per_batch=2, windows_per_call=8)
+  assert sum(calls) == windows_needed(records, s)
+  assert len(set(calls)) <= 4
+  for r, rec in zip(got, records):
+    want, _, _ = reference_scores(model, rec["image"], s)
+    np.testing.assert_allclose(r.scores, want, rtol=1e-4, atol=1e-4)
+  # On 8 devices a call holds a multiple of 8 windows: at most 7 computed per call beyond
+  # those needed, and the numbers do not change.
+  logits_fn, calls = counting(model)
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  sharded = run(logits_fn, records, s, mesh=mesh, images_per_batch=2, windows_per_call=32)
+  assert all(n % 8 == 0 and n <= 32 for n in calls)
+  assert set(calls) <= {8, 16, 32}
+  assert sum(calls) < windows_needed(records, s) + 8 * len(calls)
+  for a, b in zip(got, sharded):
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+
+
 def test_mlseg_fill_survives_and_image_outputs_match_reference():
   k = 2
   model = pooled_linear_model(seed=9, topk=k)
@@ -439,7 +496,7 @@ def test_camvid_val_at_real_shapes_matches_reference():
   assert results["mIoU"] == pytest.approx(want["mIoU"], abs=1e-3)
 
 
-def test_throughput_benchmark_prints_its_table(capsys):
+def load_throughput_benchmark():
   import importlib.util
 
   path = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_throughput.py"
@@ -447,10 +504,44 @@ def test_throughput_benchmark_prints_its_table(capsys):
   bench = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = bench  # Flax modules are dataclasses: they look their module up.
   spec.loader.exec_module(bench)
-  bench.main(["--tiny", "--images", "2", "--sizes", "40x50", "--crop", "32",
-              "--test-scale", "64,32", "--num-classes", "3", "--images-per-batch", "1"])
+  return bench
+
+
+def table_rows(out):
+  lines = [line.split(" | ") for line in out.splitlines() if " | " in line]
+  header, rows = lines[0], lines[1:]
+  return {row[0]: dict(zip(header, row)) for row in rows}
+
+
+def test_throughput_benchmark_prints_its_table(capsys):
+  bench = load_throughput_benchmark()
+  results = bench.main(["--tiny", "--images", "3", "--sizes", "40x50,50x90", "--crop", "32",
+                        "--test-scale", "64,32", "--num-classes", "3",
+                        "--images-per-batch", "2"])
+  rows = table_rows(capsys.readouterr().out)
+  assert set(rows) == {"single scale", "multi-scale + flip"}
+  for mode, r in results.items():
+    row = rows[bench.MODES[mode]]
+    assert r["images_per_s"] > 0
+    assert float(row["images/s"]) == pytest.approx(r["images_per_s"], rel=0.01, abs=0.01)
+    # 8 devices: a call is a multiple of 8 windows, so at most 7 per call are padding.
+    assert r["windows_needed"] <= r["windows_computed"] < r["windows_needed"] + 8 * r["calls"]
+    assert row["windows computed / needed"] == f"{r['windows_computed']} / {r['windows_needed']}"
+    assert r["compiles_first"] > 0 and r["compiles_timed"] == 0  # Nothing compiles twice.
+  # Single scale, 3 images of 1 + 2 windows at the test scale.
+  assert results["ss"]["windows_needed"] == 2 + 2 + 2
+
+
+def test_throughput_benchmark_runs_a_config_on_its_dataset(capsys):
+  """The config's evaluators on the bundled CamVid images, over the config's mesh (the 8
+  test devices)."""
+  bench = load_throughput_benchmark()
+  results = bench.main(["--config", str(Path(__file__).resolve().parents[1] / "configs" /
+                                        "quickstart.py"),
+                        "--data-root", str(QUICKSTART_DATA), "--images", "2", "--modes", "ss"])
   out = capsys.readouterr().out
-  rows = {line.split("|")[0].strip(): float(line.split("|")[1]) for line in out.splitlines()
-          if "|" in line and "images/s" not in line}
-  assert set(rows) == {"single scale", "multi-scale (6) + flip"}
-  assert all(v > 0 for v in rows.values())
+  assert "2 val images of" in out and "quickstart.py" in out
+  r = results["ss"]
+  assert r["images"] == 2 and 0 < r["windows_needed"] <= r["windows_computed"]
+  assert r["windows_computed"] < r["windows_needed"] + 8 * r["calls"]
+  assert r["compiles_timed"] == 0
