@@ -185,7 +185,7 @@ def config_evaluation(args) -> tuple[dict, str]:
     config.eval.stride = (args.stride, args.stride)
   if args.test_scale:
     config.data.test_scale = tuple(int(v) for v in args.test_scale.split(","))
-  for name in ("images_per_batch", "windows_per_call"):
+  for name in ("images_per_batch", "windows_per_call", "min_windows_per_call"):
     if getattr(args, name):
       config.eval[name] = getattr(args, name)
   dataset = data_lib.dataset_info(config.data)
@@ -210,7 +210,8 @@ def config_evaluation(args) -> tuple[dict, str]:
     runs[mode] = (lambda e=evaluator: dict(e.run(params)), evaluator.settings)
   e = config.eval
   describe = (f"model: {os.path.basename(args.config)} (random init); {source}; "
-              f"{e.windows_per_call} windows per call, {e.images_per_batch} images per batch, "
+              f"{e.min_windows_per_call}-{e.windows_per_call} windows per call, "
+              f"{e.images_per_batch} images per batch, "
               f"small_window_multiple {e.small_window_multiple}")
   return runs, forward, records, describe
 
@@ -227,7 +228,8 @@ def plain_evaluation(args) -> tuple[dict, Any, Any, str]:
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   common = dict(num_classes=num_classes, mesh=mesh,
                 images_per_batch=args.images_per_batch or 2,
-                windows_per_call=args.windows_per_call or 8)
+                windows_per_call=args.windows_per_call or 8,
+                min_windows_per_call=args.min_windows_per_call or 1)
   geometry = dict(mean=HALF, std=HALF, test_scale=test_scale, crop=crop, stride=stride)
   settings = {"ss": ev.EvalSettings(**geometry),
               "ms": ev.EvalSettings(**geometry, ratios=ev.MS_RATIOS, flip=True)}
@@ -236,8 +238,9 @@ def plain_evaluation(args) -> tuple[dict, Any, Any, str]:
           for mode in args.modes.split(",")}
   describe = (f"model: {'tiny random' if args.tiny else 'null (zero logits)'}; "
               f"{len(records)} random images of sizes {args.sizes}; crop {crop}, stride "
-              f"{stride}, test scale {test_scale}; {common['windows_per_call']} windows per "
-              f"call, {common['images_per_batch']} images per batch")
+              f"{stride}, test scale {test_scale}; {common['min_windows_per_call']}-"
+              f"{common['windows_per_call']} windows per call, {common['images_per_batch']} "
+              "images per batch")
   return runs, forward, records, describe
 
 
@@ -255,13 +258,15 @@ def measure(run, settings, forward: CountingForward, records, compiles: CompileC
     t0 = time.perf_counter()
     run()
     seconds.append(time.perf_counter() - t0)
-  t = statistics.median(seconds)
+  # reps=0: the first run's own rate, compilations included.
+  t = statistics.median(seconds) if seconds else first
   return dict(images=len(records), images_per_s=len(records) / t, seconds=t,
               first_run_extra_s=first - t, calls=len(calls),
               windows_computed=sum(c[0] for c in calls),
               windows_needed=windows_needed(records, settings),
               call_sizes=sorted(collections.Counter(calls).items()),
-              compiles_first=first_compiles, compiles_timed=compiles.count - before)
+              compiles_first=first_compiles,
+              compiles_timed=compiles.count - before if reps else None)
 
 
 def main(argv=None):
@@ -280,8 +285,11 @@ def main(argv=None):
   p.add_argument("--stride", type=int, help="window stride (default: the config's, else crop)")
   p.add_argument("--images-per-batch", type=int, help="default: the config's, else 2")
   p.add_argument("--windows-per-call", type=int, help="default: the config's, else 8")
+  p.add_argument("--min-windows-per-call", type=int, help="default: the config's, else 1")
   p.add_argument("--modes", default="ss,ms", help="ss (single scale), ms (multi-scale+flip)")
-  p.add_argument("--reps", type=int, default=1, help="timed runs per mode (the median)")
+  p.add_argument("--reps", type=int, default=1,
+                 help="timed runs per mode (the median); 0: only the first run, its rate "
+                      "with its compilations")
   args = p.parse_args(argv)
   if args.data_root and not args.config:
     p.error("--data-root needs --config (the dataset and its normalisation)")
@@ -301,7 +309,7 @@ def main(argv=None):
     sizes = ", ".join(f"{n} x {s[0]}@{s[1]}x{s[2]}" for s, n in r["call_sizes"])
     print(f"{MODES[mode]} | {r['images_per_s']:.2f} | {r['first_run_extra_s']:.1f} | "
           f"{r['calls']} | {r['windows_computed']} / {r['windows_needed']} | {sizes} | "
-          f"{r['compiles_first']} / {r['compiles_timed']}")
+          f"{r['compiles_first']} / {'-' if r['compiles_timed'] is None else r['compiles_timed']}")
   return rows
 
 

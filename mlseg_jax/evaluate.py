@@ -48,9 +48,11 @@ How it runs here, with static shapes and nothing per window in Python:
     stages, so those compile once per crop-sized pass shape whatever the small size.
   - Windows are cut with `lax.dynamic_slice` and sent to `logits_fn` `windows_per_call` per
     host at a time, windows of several images together, sharded over the mesh's data axis;
-    the windows left after the full calls go in calls of a power of two times the host's
-    device count (`call_sizes`: 6 left of 8 -> 4 + 2), so padding is never computed past
-    the last device's share and a forward compiles for a few sizes only. A batch whose bin
+    the windows left after the full calls go in calls of a power of two times
+    `min_windows_per_call` (rounded up to the host's device count; `call_sizes`: 6 left of
+    8 -> 4 + 2), so padding is never computed past the last device's share and a forward
+    compiles for a few sizes only per window shape (`min_windows_per_call` =
+    `windows_per_call`: one size, the last call padded). A batch whose bin
     flushed part-full (the last images of a shape) runs with the power of two of image
     slots that holds them (`image_slots`), not `images_per_batch`.
   - The argmax and the confusion matrix are computed on device; one int32 matrix per host and
@@ -651,17 +653,21 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def call_sizes(n: int, largest: int, unit: int = 1) -> list[int]:
+def call_sizes(n: int, largest: int, smallest: int = 1) -> list[int]:
   """Sizes of the model calls that cover `n` windows: `largest` while that many are left,
-  then the rest rounded up to `unit` in calls of unit * 2^j, largest first (6 of at most 8
-  -> [4, 2]; 13 -> [8, 4, 1]). Nothing beyond the last `unit` is computed, and a forward
-  compiles for at most 1 + log2(largest / unit) sizes."""
+  then the rest rounded up to `smallest` in calls of smallest * 2^j, largest first (6 of
+  at most 8 -> [4, 2]; 13 -> [8, 4, 1]). Nothing beyond the last multiple of `smallest` is
+  computed, and a forward compiles for at most 1 + log2(largest / smallest) sizes per
+  window shape (smallest = largest: one size, the rest padded to a full call)."""
   sizes = [largest] * (n // largest)
-  rest = _round_up(n - largest * len(sizes), unit) // unit
+  rest = _round_up(n - largest * len(sizes), smallest)
+  if rest >= largest:
+    return sizes + [largest]
+  rest //= smallest
   bit = 1 << max(rest.bit_length() - 1, 0)
   while rest:
     if rest & bit:
-      sizes.append(unit * bit)
+      sizes.append(smallest * bit)
       rest -= bit
     bit >>= 1
   return sizes
@@ -733,6 +739,7 @@ class _Run:
   images: int  # most image slots per process and batch
   chunk: int  # most windows per process and model call
   unit: int  # devices of this process over the data axes: the smallest share of a call
+  smallest: int  # fewest windows per process and model call (a multiple of unit)
   with_labels: bool
   gt_classes: bool  # logits_fn also takes each window's image class set (+GT)
   keep_predictions: bool
@@ -741,7 +748,8 @@ class _Run:
 
 def _make_run(logits_fn, settings: EvalSettings, *, num_classes: int, topk: int | None,
               mesh: Mesh | None, data_axis: str | Sequence[str], images_per_batch: int,
-              windows_per_call: int, with_labels: bool, gt_classes: bool,
+              windows_per_call: int, min_windows_per_call: int, with_labels: bool,
+              gt_classes: bool,
               keep_predictions: bool, keep_scores: bool) -> _Run:
   axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
   if mesh is None:
@@ -754,10 +762,12 @@ def _make_run(logits_fn, settings: EvalSettings, *, num_classes: int, topk: int 
   if gt_classes and not with_labels:
     raise ValueError("gt_classes: the +GT oracle takes each image's class set from its labels")
   spec = PartitionSpec(axes)
+  chunk = _round_up(max(windows_per_call, 1), local_shards)
   return _Run(logits_fn=logits_fn, settings=settings, num_classes=num_classes, topk=topk,
               mesh=mesh, spec=spec, sharding=NamedSharding(mesh, spec), blocks=blocks,
               shards=shards, images=_round_up(max(images_per_batch, 1), local_shards),
-              chunk=_round_up(max(windows_per_call, 1), local_shards), unit=local_shards,
+              chunk=chunk, unit=local_shards,
+              smallest=min(chunk, _round_up(max(min_windows_per_call, 1), local_shards)),
               with_labels=with_labels, gt_classes=gt_classes,
               keep_predictions=keep_predictions, keep_scores=keep_scores)
 
@@ -812,7 +822,7 @@ def _run_model(run: _Run, windows, classes, n_windows: int, ps: PassShape, layou
   time) -> logits grids and image logits, laid out like the windows (windows never run stay
   0; they only hold padding slots)."""
   grids = image_logits = None
-  sizes = call_sizes(n_windows, run.chunk, run.unit)
+  sizes = call_sizes(n_windows, run.chunk, run.smallest)
   for size, start in zip(sizes, np.cumsum([0] + sizes[:-1])):
     index = np.int32(start)  # Traced: one program per call size, whatever the offset.
     take = functools.partial(_take_chunk, blocks=run.blocks, size=size, sharding=run.sharding)
@@ -844,7 +854,8 @@ def _run_pass(run: _Run, batch: _Batch, p: int, inputs: dict[str, Any], totals: 
   k = run.settings.scale_index(p)
   flip, scaled = np.bool_(flip), inputs["scaled_hw"][k]
   per_host = _slots(run, batch) * ps.rows * ps.cols
-  layout = (run.blocks, per_host, _round_up(per_host, run.unit))
+  # Room for the calls over every slot's windows (more than the images need).
+  layout = (run.blocks, per_host, sum(call_sizes(per_host, run.chunk, run.smallest)))
   common = dict(settings=run.settings, layout=layout, sharding=run.sharding)
   windows = _cut_windows(inputs["scaled"][k], scaled, flip, shape=ps, **common)
   classes = (None if inputs["classes"] is None else _window_classes(
@@ -919,7 +930,8 @@ def _collect(run: _Run, batch: _Batch, out: dict[str, jax.Array | None]) -> Batc
 def segment(logits_fn: Callable[..., Any], records: Sequence[dict[str, Any]],
             settings: EvalSettings, *, num_classes: int, topk: int | None = None,
             mesh: Mesh | None = None, data_axis: str | Sequence[str] = "data",
-            images_per_batch: int = 4, windows_per_call: int = 8, with_labels: bool = True,
+            images_per_batch: int = 4, windows_per_call: int = 8,
+            min_windows_per_call: int = 1, with_labels: bool = True,
             gt_classes: bool = False, keep_predictions: bool = False,
             keep_scores: bool = False, read_threads: int = 4,
             allgather: Callable[[np.ndarray], np.ndarray] = metrics_lib.process_allgather,
@@ -939,7 +951,8 @@ def segment(logits_fn: Callable[..., Any], records: Sequence[dict[str, Any]],
   """
   run = _make_run(logits_fn, settings, num_classes=num_classes, topk=topk, mesh=mesh,
                   data_axis=data_axis, images_per_batch=images_per_batch,
-                  windows_per_call=windows_per_call, with_labels=with_labels,
+                  windows_per_call=windows_per_call,
+                  min_windows_per_call=min_windows_per_call, with_labels=with_labels,
                   gt_classes=gt_classes, keep_predictions=keep_predictions,
                   keep_scores=keep_scores)
   indices = host_indices(len(records), jax.process_index(), jax.process_count())
@@ -970,7 +983,8 @@ def evaluate(logits_fn: Callable[..., Any], records: Sequence[dict[str, Any]],
   `logits_fn` on `records`, as the reference evaluates: single scale with `settings.ratios =
   (1.0,)`, multi-scale + flip with `ratios=MS_RATIOS, flip=True`. Every process calls it
   alike; every process gets the totals. `segment_kwargs` (mesh, data_axis,
-  images_per_batch, windows_per_call, gt_classes, read_threads) and the rest are
+  images_per_batch, windows_per_call, min_windows_per_call, gt_classes, read_threads) and
+  the rest are
   `segment`'s arguments."""
   if len(records) == 0:
     raise ValueError("no images to evaluate")

@@ -99,7 +99,8 @@ def sample_pictures(evaluator: evaluators_lib.Evaluator, params, n: int,
   for batch in evaluate_lib.segment(
       predict, records, evaluator.settings, num_classes=o["num_classes"], topk=o["topk"],
       mesh=o["mesh"], data_axis=o["data_axis"], images_per_batch=o["images_per_batch"],
-      windows_per_call=o["windows_per_call"], gt_classes=o["gt_classes"],
+      windows_per_call=o["windows_per_call"],
+      min_windows_per_call=o["min_windows_per_call"], gt_classes=o["gt_classes"],
       keep_predictions=True):
     for result in batch.images:
       record = records[result.index]
@@ -200,7 +201,8 @@ def predict(config, workdir, images, output):
       evaluators_lib.stops_on_signal(functools.partial(predict_fn, params)), images,
       output, settings, palette=dataset.palette, class_names=dataset.class_names, topk=topk,
       mesh=mesh, data_axis=sharding_lib.BATCH_AXES,
-      windows_per_call=config.eval.windows_per_call)
+      windows_per_call=config.eval.windows_per_call,
+      min_windows_per_call=config.eval.min_windows_per_call)
   failed = [w for w in written if "error" in w]
   logging.info("predicted %d images with %s into %s", len(written) - len(failed), source,
                output)

@@ -45,7 +45,12 @@ def default_eval_config() -> ml_collections.ConfigDict:
   c.stride = (512, 512)  # mmseg test_cfg stride; the window is data.crop_size.
   c.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # ms_flip: ratios of the test scale.
   c.flip = True  # ms_flip: each scale also flipped horizontally.
-  c.windows_per_call = 8  # Windows per jitted model call (per process).
+  c.windows_per_call = 8  # Windows per jitted model call (per process), at most.
+  # The fewest: the windows left after the full calls go in calls of this times a power of
+  # two. 1 computes no padding; windows_per_call compiles the forward once per window shape
+  # (the last call padded), for many distinct shapes on an accelerator, where a compilation
+  # costs more than the padding (multi-scale + flip with exact small windows).
+  c.min_windows_per_call = 1
   # Images whose windows share one jitted call; device memory grows with it times the image
   # size times the class count (keep 1-2 for COCO+LVIS's 1284 classes).
   c.images_per_batch = 2
@@ -81,9 +86,12 @@ def resolve_eval_config(config: ml_collections.ConfigDict) -> list[str]:
               for name in e.run if name not in EVALUATORS]
   if not e.run:
     problems.append(f"eval.run is empty: name one or more of {sorted(EVALUATORS)}")
-  for name in ("windows_per_call", "images_per_batch"):
+  for name in ("windows_per_call", "min_windows_per_call", "images_per_batch"):
     if e[name] < 1:
       problems.append(f"eval.{name}={e[name]} must be positive")
+  if e.min_windows_per_call > e.windows_per_call:
+    problems.append(f"eval.min_windows_per_call={e.min_windows_per_call} is more than "
+                    f"eval.windows_per_call={e.windows_per_call}")
   if e.small_window_multiple is not None and e.small_window_multiple < 0:
     problems.append(f"eval.small_window_multiple={e.small_window_multiple}: 0 pads small "
                     "images to the window, a multiple of the patch cuts them at that multiple")
@@ -138,7 +146,8 @@ class Evaluator:
         num_classes=config.model.num_classes, class_names=dataset.class_names,
         topk=config.model.topk if spec.selects_topk else None, mesh=mesh,
         data_axis=sharding_lib.BATCH_AXES, images_per_batch=e.images_per_batch,
-        windows_per_call=e.windows_per_call, gt_classes=spec.needs_labels)
+        windows_per_call=e.windows_per_call, min_windows_per_call=e.min_windows_per_call,
+        gt_classes=spec.needs_labels)
 
   @staticmethod
   def passes(eval_config: ml_collections.ConfigDict) -> dict[str, Any]:

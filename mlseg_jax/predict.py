@@ -121,7 +121,8 @@ def predict_images(logits_fn: Callable[[jax.Array], Any],
                    palette: Sequence[Sequence[int]], class_names: Sequence[str],
                    topk: int | None = None, alpha: float = 0.5, mesh=None,
                    data_axis: str | Sequence[str] = "data", images_per_batch: int = 1,
-                   windows_per_call: int = 8) -> list[dict[str, str]]:
+                   windows_per_call: int = 8, min_windows_per_call: int = 1,
+                   ) -> list[dict[str, str]]:
   """Writes mask, overlay (and MLSeg classes) for each image; returns the written paths.
 
   `logits_fn` and `settings` are as for `evaluate.segment`; `topk` (the model's k) is
@@ -141,7 +142,8 @@ def predict_images(logits_fn: Callable[[jax.Array], Any],
   written = []
   for batch in ev.segment(logits_fn, records, settings, num_classes=num_classes, topk=topk,
                           mesh=mesh, data_axis=data_axis, images_per_batch=images_per_batch,
-                          windows_per_call=windows_per_call, with_labels=False,
+                          windows_per_call=windows_per_call,
+                          min_windows_per_call=min_windows_per_call, with_labels=False,
                           keep_predictions=True):
     for result in batch.images:
       image = records.release(result.index)["image"]

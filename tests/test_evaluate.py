@@ -313,6 +313,9 @@ def test_call_sizes_cover_what_is_left_in_few_static_sizes():
       assert sum(sizes) == -(-n // unit) * unit  # Nothing past the last device's share.
       assert set(sizes) <= allowed and sizes == sorted(sizes, reverse=True)
   assert ev.call_sizes(6, 8) == [4, 2] and ev.call_sizes(13, 8) == [8, 4, 1]
+  # smallest = largest: one size, the last call padded (one compilation per window shape).
+  assert ev.call_sizes(13, 8, 8) == [8, 8] and ev.call_sizes(3, 6, 6) == [6]
+  assert ev.call_sizes(5, 6, 4) == [6] and ev.call_sizes(13, 8, 2) == [8, 4, 2]
   assert [ev.image_slots(n, 4) for n in range(1, 6)] == [1, 2, 4, 4, 4]
   assert [ev.image_slots(n, 8, 2) for n in (1, 2, 3, 5)] == [2, 2, 4, 8]
 
@@ -342,6 +345,13 @@ def test_calls_compute_only_the_windows_the_images_have():
   assert set(calls) <= {8, 16, 32}
   assert sum(calls) < windows_needed(records, s) + 8 * len(calls)
   for a, b in zip(got, sharded):
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+  # min_windows_per_call = windows_per_call: every call full size, the same numbers.
+  logits_fn, calls = counting(model)
+  padded = run(logits_fn, records, s, images_per_batch=2, windows_per_call=8,
+               min_windows_per_call=8)
+  assert set(calls) == {8} and sum(calls) > windows_needed(records, s)
+  for a, b in zip(got, padded):
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
 
 

@@ -181,6 +181,10 @@ def test_unknown_evaluators_are_refused():
   config.eval.windows_per_call = 0
   with pytest.raises(ValueError, match="eval.windows_per_call=0 must be positive"):
     validate_config(config, num_devices=1)
+  config.eval.windows_per_call, config.eval.min_windows_per_call = 4, 8
+  with pytest.raises(ValueError, match="eval.min_windows_per_call=8 is more than "
+                                       "eval.windows_per_call=4"):
+    validate_config(config, num_devices=1)
 
 
 def _tensorboard_events(directory):
