@@ -174,8 +174,9 @@ def parse_sizes(text: str, n: int) -> list[tuple[int, int]]:
   return [sizes[i % len(sizes)] for i in range(n)]
 
 
-def config_evaluation(args) -> tuple[dict, str]:
-  """Per mode, evaluate() -> results with the config's evaluator; the description."""
+def config_evaluation(args) -> tuple[dict, Any, Any, str]:
+  """Per mode, (evaluate() -> results with the config's evaluator, its settings); the
+  counting forward, the records, the description."""
   config = load_config(args.config)
   if args.data_root:
     config.data.root = args.data_root

@@ -130,7 +130,8 @@ class Segmenter:
           logits_fn, records, settings, num_classes=self.config.model.num_classes,
           topk=self.topk, mesh=self.mesh, data_axis=sharding_lib.BATCH_AXES,
           images_per_batch=e.images_per_batch, windows_per_call=e.windows_per_call,
-          min_windows_per_call=e.min_windows_per_call, with_labels=False, keep_predictions=True, keep_scores=probabilities):
+          min_windows_per_call=e.min_windows_per_call, with_labels=False,
+          keep_predictions=True, keep_scores=probabilities):
         for r in batch.images:
           results[r.index] = self._prediction(r, len(settings.passes), probabilities)
       yield from (results[i] for i in range(len(records)))

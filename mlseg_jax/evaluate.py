@@ -984,8 +984,7 @@ def evaluate(logits_fn: Callable[..., Any], records: Sequence[dict[str, Any]],
   (1.0,)`, multi-scale + flip with `ratios=MS_RATIOS, flip=True`. Every process calls it
   alike; every process gets the totals. `segment_kwargs` (mesh, data_axis,
   images_per_batch, windows_per_call, min_windows_per_call, gt_classes, read_threads) and
-  the rest are
-  `segment`'s arguments."""
+  the rest are `segment`'s arguments."""
   if len(records) == 0:
     raise ValueError("no images to evaluate")
   confusion = np.zeros((num_classes, num_classes), np.int64)
