@@ -306,16 +306,23 @@ def _constrain(x, sharding):
   return jax.lax.with_sharding_constraint(x, sharding)
 
 
-def _to_blocks(x, blocks: int, per_block: int, padded: int):
-  """(blocks * per_block, ...) -> (blocks * padded, ...): each host's part padded at its end."""
+def _to_blocks(x, blocks: int, per_block: int, padded: int, lanes: int):
+  """(blocks * per_block, ...) -> (blocks * padded, ...): each host's part padded at its end
+  and dealt out over the host's `lanes` devices, item i of the part on device i % lanes.
+  A model call then takes the same slice of every device's own share (`_take_chunk`):
+  with the part split in contiguous runs, a call's windows would lie on one or two devices
+  and every call would all-gather the whole part (XLA:CPU's rendezvous of 8 virtual
+  devices can also stall on that all-gather)."""
   x = x.reshape(blocks, per_block, *x.shape[1:])
   x = jnp.pad(x, [(0, 0), (0, padded - per_block)] + [(0, 0)] * (x.ndim - 2))
-  return x.reshape(blocks * padded, *x.shape[2:])
+  x = x.reshape(blocks, padded // lanes, lanes, *x.shape[2:]).swapaxes(1, 2)
+  return x.reshape(blocks * padded, *x.shape[3:])
 
 
-def _from_blocks(x, blocks: int, per_block: int, padded: int):
-  x = x.reshape(blocks, padded, *x.shape[1:])[:, :per_block]
-  return x.reshape(blocks * per_block, *x.shape[2:])
+def _from_blocks(x, blocks: int, per_block: int, padded: int, lanes: int):
+  x = x.reshape(blocks, lanes, padded // lanes, *x.shape[1:]).swapaxes(1, 2)
+  return x.reshape(blocks, padded, *x.shape[3:])[:, :per_block].reshape(
+      blocks * per_block, *x.shape[3:])
 
 
 def normalise_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -330,7 +337,7 @@ def normalise_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("shape", "settings", "layout", "sharding"))
 def _cut_windows(images, scaled_hw, flip, *, shape: PassShape, settings: EvalSettings,
-                 layout: tuple[int, int, int], sharding):
+                 layout: tuple[int, int, int, int], sharding):
   """uint8 images resized on the host (B, canvas_h, canvas_w, 3), true sizes (B, 2) ->
   normalised windows (blocks * padded, wh, ww, 3); with `flip`, of the flipped image (the
   reference flips after resizing)."""
@@ -358,29 +365,31 @@ def _cut_windows(images, scaled_hw, flip, *, shape: PassShape, settings: EvalSet
   return _constrain(_to_blocks(windows, *layout), sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "size", "sharding"))
-def _take_chunk(windows, offset, *, blocks: int, size: int, sharding):
-  """Windows offset .. offset + size of every host's part: (blocks * size, ...)."""
-  w = windows.reshape(blocks, -1, *windows.shape[1:])
+@functools.partial(jax.jit, static_argnames=("shards", "size", "sharding"))
+def _take_chunk(windows, offset, *, shards: int, size: int, sharding):
+  """Windows offset .. offset + size of every device's share of `windows` (laid out by
+  `_to_blocks`): (shards * size, ...), each device's from its own share."""
+  w = windows.reshape(shards, -1, *windows.shape[1:])
   w = jax.lax.dynamic_slice_in_dim(w, offset, size, axis=1)
-  return _constrain(w.reshape(blocks * size, *w.shape[2:]), sharding)
+  return _constrain(w.reshape(shards * size, *w.shape[2:]), sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("per_image", "layout", "sharding"))
-def _window_classes(classes, *, per_image: int, layout: tuple[int, int, int], sharding):
+def _window_classes(classes, *, per_image: int, layout: tuple[int, int, int, int], sharding):
   """+GT: (B, C) class sets of the images -> (blocks * padded, C), each window's image's
   set, laid out like `_cut_windows`'s windows."""
   return _constrain(_to_blocks(jnp.repeat(classes, per_image, axis=0), *layout), sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "sharding"), donate_argnums=0)
-def _put_chunk(buffer, values, offset, *, blocks: int, sharding):
-  """`values` of one model call into every host's part of `buffer` at `offset`."""
+@functools.partial(jax.jit, static_argnames=("shards", "sharding"), donate_argnums=0)
+def _put_chunk(buffer, values, offset, *, shards: int, sharding):
+  """`values` of one model call (`_take_chunk`'s layout) into every device's share of
+  `buffer` at `offset`."""
   # A small window's logits grid goes into the crop-sized grid of the buffer, zero-padded.
   values = jnp.pad(values.astype(buffer.dtype),
                    [(0, 0)] + [(0, b - v) for b, v in zip(buffer.shape[1:], values.shape[1:])])
-  b = buffer.reshape(blocks, -1, *buffer.shape[1:])
-  v = values.reshape(blocks, -1, *values.shape[1:])
+  b = buffer.reshape(shards, -1, *buffer.shape[1:])
+  v = values.reshape(shards, -1, *values.shape[1:])
   b = jax.lax.dynamic_update_slice_in_dim(b, v, offset, axis=1)
   return _constrain(b.reshape(buffer.shape), sharding)
 
@@ -416,7 +425,7 @@ def _axis_matrices(orig_size, scaled_size, flip, *, orig_len: int, canvas_len: i
     jax.jit, donate_argnums=0,
     static_argnames=("shape", "orig", "settings", "layout", "softmax", "sharding"))
 def _add_pass(scores, grids, orig_hw, scaled_hw, flip, *, shape: PassShape,
-              orig: tuple[int, int], settings: EvalSettings, layout: tuple[int, int, int],
+              orig: tuple[int, int], settings: EvalSettings, layout: tuple[int, int, int, int],
               softmax: bool, sharding):
   """scores (B, Ho, Wo, C) += this pass's logits (or probabilities) at the original size;
   scores=None for the first pass (no zero buffer to fill and add to)."""
@@ -744,6 +753,16 @@ class _Run:
   gt_classes: bool  # logits_fn also takes each window's image class set (+GT)
   keep_predictions: bool
   keep_scores: bool
+  # XLA:CPU runs the devices of every program in flight on one fixed pool of threads: two
+  # independent programs with collectives in flight at once can each hold part of it and
+  # wait forever for the rest (the rendezvous aborts the process after 40 s). On a CPU
+  # mesh of several devices each such program is waited for before the next starts.
+  settle: bool = False
+
+
+def _settle(run: _Run, *arrays):
+  if run.settle:
+    jax.block_until_ready([a for a in arrays if a is not None])
 
 
 def _make_run(logits_fn, settings: EvalSettings, *, num_classes: int, topk: int | None,
@@ -769,7 +788,8 @@ def _make_run(logits_fn, settings: EvalSettings, *, num_classes: int, topk: int 
               chunk=chunk, unit=local_shards,
               smallest=min(chunk, _round_up(max(min_windows_per_call, 1), local_shards)),
               with_labels=with_labels, gt_classes=gt_classes,
-              keep_predictions=keep_predictions, keep_scores=keep_scores)
+              keep_predictions=keep_predictions, keep_scores=keep_scores,
+              settle=shards > 1 and mesh.devices.flat[0].platform == "cpu")
 
 
 def _to_device(run: _Run, local: np.ndarray) -> jax.Array:
@@ -823,18 +843,24 @@ def _run_model(run: _Run, windows, classes, n_windows: int, ps: PassShape, layou
   0; they only hold padding slots)."""
   grids = image_logits = None
   sizes = call_sizes(n_windows, run.chunk, run.smallest)
+  lanes = run.unit
   for size, start in zip(sizes, np.cumsum([0] + sizes[:-1])):
-    index = np.int32(start)  # Traced: one program per call size, whatever the offset.
-    take = functools.partial(_take_chunk, blocks=run.blocks, size=size, sharding=run.sharding)
+    # Traced: one program per call size, whatever the offset. Sizes and offsets are
+    # multiples of the host's device count: a device's share of a call is size // lanes.
+    index = np.int32(start // lanes)
+    take = functools.partial(_take_chunk, shards=run.shards, size=size // lanes,
+                             sharding=run.sharding)
     args = [take(windows, index)] + ([] if classes is None else [take(classes, index)])
-    logits, il = _unpack_model_output(run.logits_fn(*args), run.blocks * size,
+    out = run.logits_fn(*args)
+    _settle(run, *jax.tree.leaves(out))
+    logits, il = _unpack_model_output(out, run.blocks * size,
                                       (ps.window_h, ps.window_w), run.settings.patch_size,
                                       run.num_classes)
     if grids is None:
       crop_grid = [-(-c // run.settings.patch_size) for c in run.settings.crop]
       grids = _full(shape=(layout[0] * layout[2], *crop_grid, run.num_classes), value=0.0,
                     dtype=jnp.float32, sharding=run.sharding)
-    grids = _put_chunk(grids, logits, index, blocks=run.blocks, sharding=run.sharding)
+    grids = _put_chunk(grids, logits, index, shards=run.shards, sharding=run.sharding)
     if il is not None:
       if run.topk is None:
         raise ValueError("logits_fn returns image_logits (an MLSeg model): pass topk, the "
@@ -842,7 +868,7 @@ def _run_model(run: _Run, windows, classes, n_windows: int, ps: PassShape, layou
       if image_logits is None:
         image_logits = _full(shape=(layout[0] * layout[2], run.num_classes), value=0.0,
                              dtype=jnp.float32, sharding=run.sharding)
-      image_logits = _put_chunk(image_logits, il, index, blocks=run.blocks,
+      image_logits = _put_chunk(image_logits, il, index, shards=run.shards,
                                 sharding=run.sharding)
   return grids, image_logits
 
@@ -855,11 +881,13 @@ def _run_pass(run: _Run, batch: _Batch, p: int, inputs: dict[str, Any], totals: 
   flip, scaled = np.bool_(flip), inputs["scaled_hw"][k]
   per_host = _slots(run, batch) * ps.rows * ps.cols
   # Room for the calls over every slot's windows (more than the images need).
-  layout = (run.blocks, per_host, sum(call_sizes(per_host, run.chunk, run.smallest)))
+  layout = (run.blocks, per_host, sum(call_sizes(per_host, run.chunk, run.smallest)),
+            run.unit)
   common = dict(settings=run.settings, layout=layout, sharding=run.sharding)
   windows = _cut_windows(inputs["scaled"][k], scaled, flip, shape=ps, **common)
   classes = (None if inputs["classes"] is None else _window_classes(
       inputs["classes"][k], per_image=ps.rows * ps.cols, layout=layout, sharding=run.sharding))
+  _settle(run, windows, classes)
   # Only the first max_items images of each process's part hold an image anywhere.
   grids, image_logits = _run_model(run, windows, classes, batch.max_items * ps.rows * ps.cols,
                                    ps, layout)
@@ -876,6 +904,7 @@ def _run_pass(run: _Run, batch: _Batch, p: int, inputs: dict[str, Any], totals: 
       selected = _full(shape=shape, value=False, dtype=jnp.bool_, sharding=run.sharding)
     image_scores, selected = _add_image_logits(image_scores, selected, image_logits, scaled,
                                                topk=run.topk, **common)
+  _settle(run, scores, image_scores, selected)
   return scores, image_scores, selected
 
 

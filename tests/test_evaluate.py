@@ -305,6 +305,36 @@ def windows_needed(records, s):
              for p in s.batch_shape(*r["image"].shape[:2]).passes)
 
 
+def test_a_call_takes_each_devices_windows_from_its_own_share():
+  """Windows are dealt out over the devices (window i on device i % 8), so a call's slice is
+  local: no collective in the take and put programs (a contiguous layout all-gathered the
+  whole part on every call, and XLA:CPU's rendezvous could stall on it)."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  sharding = NamedSharding(mesh, PartitionSpec("data"))
+  layout = (1, 13, 16, 8)  # 1 host, 13 windows padded to 16, 8 devices.
+  x = jnp.arange(13 * 2, dtype=jnp.float32).reshape(13, 2)
+  blocks = jax.jit(lambda x: ev._constrain(ev._to_blocks(x, *layout), sharding))(x)
+  np.testing.assert_array_equal(ev._from_blocks(blocks, *layout), x)
+  # Device d's share holds windows d and d + 8.
+  assert [np.asarray(s.data)[:, 0].tolist() for s in blocks.addressable_shards][:2] == [
+      [0, 16], [2, 18]]
+  offset = np.int32(1)  # The second window of every device's share: windows 8 .. 15.
+  chunk = ev._take_chunk(blocks, offset, shards=8, size=1, sharding=sharding)
+  np.testing.assert_array_equal(np.asarray(chunk)[:5, 0], x[8:, 0])
+  buffer = ev._put_chunk(jnp.zeros_like(blocks), chunk * 0 + 1, offset, shards=8,
+                         sharding=sharding)
+  np.testing.assert_array_equal(np.asarray(ev._from_blocks(buffer, *layout))[:, 0],
+                                [0] * 8 + [1] * 5)
+  for hlo in (ev._take_chunk.lower(blocks, offset, shards=8, size=1, sharding=sharding),
+              ev._put_chunk.lower(jnp.zeros_like(blocks), chunk, offset, shards=8,
+                                  sharding=sharding)):
+    text = hlo.compile().as_text()
+    assert not any(op in text for op in ("all-gather", "all-to-all", "all-reduce",
+                                         "collective-permute")), text
+
+
 def test_call_sizes_cover_what_is_left_in_few_static_sizes():
   for largest, unit in [(8, 1), (8, 2), (6, 1), (32, 8), (8, 8)]:
     allowed = {largest} | {unit * 2 ** j for j in range(8) if unit * 2 ** j < largest}
