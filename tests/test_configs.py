@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, SHARED_DATA
 from mlseg_jax.main import validate_config
 from mlseg_jax.models.segmenter import build_model
+from mlseg_jax.models.vit import VARIANTS
 
 # REFERENCE.md §7, one line per config:
 # name: (dataset, classes, backbone, crop, iters, decoder, k, pool_grid, img loss,
@@ -107,7 +108,8 @@ def test_config_builds_its_model_abstractly(name):
   n = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
   assert n > (250e6 if c.model.backbone == "L/16" else 80e6) or name == "quickstart"
   out = jax.eval_shape(lambda v: model.apply(v, images, labels=labels), shapes)
-  assert out["logits"].shape == (1, h // 16, w // 16, c.model.num_classes)
+  patch = VARIANTS[c.model.backbone][3]
+  assert out["logits"].shape == (1, h // patch, w // patch, c.model.num_classes)
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))

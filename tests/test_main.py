@@ -42,7 +42,7 @@ def test_quickstart_trains_evaluates_and_predicts(tmp_path):
   assert "using the config of the run in" in out.stderr
   wrong = _main("--config", "configs/quickstart.py", "--workdir", str(workdir), "--mode",
                 "eval", "--config.model.topk=5", check=False)
-  _assert_user_error(wrong, "model.backbone_depth: 6 here, 2 in",
+  _assert_user_error(wrong, "model.backbone_depth: 4 here, 2 in",
                      "model.topk: 5 here, 9 in")
 
   out = _main(*config, "--mode", "eval", "--config.eval.multi_scale=True",

@@ -27,6 +27,7 @@ VARIANTS = {
     "B/16": (768, 12, 12, 16),
     "L/16": (1024, 24, 16, 16),
     "B/8": (768, 12, 12, 8),
+    "Ti/8": (192, 12, 3, 8),  # The quickstart's (4 layers of it): no pretrained weights exist.
 }
 
 Dtype = Any
