@@ -781,15 +781,46 @@ def _make_run(logits_fn, settings: EvalSettings, *, num_classes: int, topk: int 
   if gt_classes and not with_labels:
     raise ValueError("gt_classes: the +GT oracle takes each image's class set from its labels")
   spec = PartitionSpec(axes)
-  chunk = _round_up(max(windows_per_call, 1), local_shards)
+  images, chunk, smallest = call_plan(images_per_batch, windows_per_call,
+                                      min_windows_per_call, local_shards)
   return _Run(logits_fn=logits_fn, settings=settings, num_classes=num_classes, topk=topk,
               mesh=mesh, spec=spec, sharding=NamedSharding(mesh, spec), blocks=blocks,
-              shards=shards, images=_round_up(max(images_per_batch, 1), local_shards),
-              chunk=chunk, unit=local_shards,
-              smallest=min(chunk, _round_up(max(min_windows_per_call, 1), local_shards)),
+              shards=shards, images=images, chunk=chunk, unit=local_shards,
+              smallest=smallest,
               with_labels=with_labels, gt_classes=gt_classes,
               keep_predictions=keep_predictions, keep_scores=keep_scores,
               settle=shards > 1 and mesh.devices.flat[0].platform == "cpu")
+
+
+def call_plan(images_per_batch: int, windows_per_call: int, min_windows_per_call: int,
+              local_shards: int) -> tuple[int, int, int]:
+  """(image slots, most windows, fewest windows) per process of a batch and a model call:
+  the options rounded up to a multiple of the process's devices over the data axes."""
+  chunk = _round_up(max(windows_per_call, 1), local_shards)
+  return (_round_up(max(images_per_batch, 1), local_shards), chunk,
+          min(chunk, _round_up(max(min_windows_per_call, 1), local_shards)))
+
+
+def forward_calls(settings: EvalSettings, sizes: Sequence[tuple[int, int]], *,
+                  processes: int = 1, local_shards: int = 1, images_per_batch: int = 4,
+                  windows_per_call: int = 8, min_windows_per_call: int = 1,
+                  ) -> collections.Counter:
+  """The model calls `segment` makes for images of `sizes` (h, w), without running them:
+  {(window_h, window_w, windows of the call over all processes): number of calls}, one
+  forward program per key. Binning, batch shapes, call sizes and image slots come from
+  the functions `segment` runs; on several processes, process 0's share (images 0, P, 2P,
+  ...) stands for every process's (the processes run each other's shapes in lockstep)."""
+  images, chunk, smallest = call_plan(images_per_batch, windows_per_call,
+                                      min_windows_per_call, local_shards)
+  mine = [(i, hw) for i, hw in enumerate(sizes) if i % processes == 0]
+  code_len = 2 + 6 * len(settings.passes)
+  calls = collections.Counter()
+  for batch in batch_stream(mine, lambda hw: settings.batch_shape(*hw), images, code_len,
+                            allgather=lambda x: np.asarray(x)[None]):
+    for ps in batch.shape.passes:
+      for size in call_sizes(batch.max_items * ps.rows * ps.cols, chunk, smallest):
+        calls[(ps.window_h, ps.window_w, processes * size)] += 1
+  return calls
 
 
 def _to_device(run: _Run, local: np.ndarray) -> jax.Array:

@@ -63,17 +63,30 @@ def main(argv):
   from mlseg_jax import preemption
 
   distributed.initialize()
+  config = _checked_config()
+  compiles = _compilation(config)
   if _MODE.value == "train":
     try:
-      _train(_checked_config())
+      _train(config)
     except preemption.Preempted as stop:
       logging.warning("%s", stop)
+      logging.info("%s", compiles.summary())
       preemption.exit(preemption.EXIT_CODE)
+    logging.info("%s", compiles.summary())
     logging.info("done")
     preemption.exit(0)
   preemption.uninstall()
-  _evaluate_or_predict(_checked_config())
+  _evaluate_or_predict(config)
+  logging.info("%s", compiles.summary())
   logging.info("done")
+
+
+def _compilation(config):
+  """The persistent compilation cache of `config`, and a count of this process's compiles."""
+  from mlseg_jax import compilation
+
+  compilation.enable_cache(config.compilation_cache)
+  return compilation.CompileCounter()
 
 
 def _checked_config():

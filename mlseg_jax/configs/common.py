@@ -91,6 +91,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.best_metric = "mIoU"
 
   config.init_from = ""  # Directory of a converted checkpoint (mlseg_jax.convert).
+  # JAX's persistent compilation cache (mlseg_jax/compilation.py): local or gs://, shared
+  # by a pod's hosts; "" compiles everything in every process.
+  config.compilation_cache = "~/.cache/mlseg_jax/jax"
   config.reference_miou = ml_collections.ConfigDict()
   config.reference_miou.single_scale = -1.0
   config.reference_miou.multi_scale = -1.0

@@ -1,0 +1,179 @@
+"""Compiling for TPU slices on the CPU (libtpu's compile-only devices): slice names, the
+programs of a config, the memory and collectives XLA reports, the refusals."""
+
+import collections
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO
+from mlseg_jax import aot
+from mlseg_jax import errors
+from mlseg_jax import evaluate as ev
+from mlseg_jax.configs import quickstart
+from mlseg_jax.models.segmenter import abstract_params
+
+pytest.importorskip("libtpu")
+
+
+@pytest.mark.parametrize("name,topology,chips,hosts", [
+    ("v5e-8", "v5e:2x4", 8, 1), ("v5litepod-4", "v5e:2x2", 4, 1), ("v6e-8", "v6e:2x4", 8, 1),
+    ("v4-8", "v4:2x2x1", 4, 1), ("v5p-8", "v5p:2x2x1", 4, 1), ("v4-32", "v4:2x2x4", 16, 4),
+    ("v5e-32", "v5e:4x8", 32, 8), ("v5p-128", "v5p:4x4x4", 64, 16),
+    ("v5e:2x2", "v5e:2x2", 4, 1), ("V6E:4x4", "v6e:4x4", 16, 4)])
+def test_slice_names_as_cloud_tpu_counts_them(name, topology, chips, hosts):
+  s = aot.parse_slice(name)
+  assert (s.topology, s.chips, s.hosts) == (topology, chips, hosts)
+
+
+@pytest.mark.parametrize("name", ["v5e", "v7x-8", "v4-7", "v4-6", "v5e-12", "v5e:2x2x1",
+                                  "v4:2x4", "tpu-8", ""])
+def test_unknown_slices_are_refused(name):
+  with pytest.raises(errors.UsageError, match="topology"):
+    aot.parse_slice(name)
+
+
+def test_one_device_per_chip_and_hosts_of_a_multi_host_slice():
+  v4 = aot.slice_devices(aot.parse_slice("v4-8"))
+  assert len(v4) == 4 and v4[0].device_kind == "TPU v4"  # megacore: a chip is a device
+  pod = aot.slice_devices(aot.parse_slice("v5e-32"))
+  assert len(pod) == 32 and len({d.process_index for d in pod}) == 8
+
+
+_HLO = """
+  %all-reduce.1 = (f32[192]{0:T(256)}, /*index=1*/f32[8,4]{1,0}) all-reduce(%a, %b), to_apply=%add
+  %all-gather-start = (bf16[16,4]{1,0}, bf16[64,4]{1,0}) all-gather-start(%c), dimensions={0}
+  %all-gather-done = bf16[64,4]{1,0} all-gather-done(%all-gather-start)
+  %reduce-scatter.2 = f32[4]{0} reduce-scatter(%d), dimensions={0}
+  %fusion.3 = f32[4]{0} fusion(%e), kind=kLoop, calls=%all-reduce-like
+"""
+
+
+def test_collectives_are_counted_with_their_result_bytes():
+  assert aot.collectives(_HLO) == {
+      "all-reduce": {"count": 1, "bytes": 192 * 4 + 32 * 4},
+      "all-gather": {"count": 1, "bytes": 64 * 4 * 2},
+      "reduce-scatter": {"count": 1, "bytes": 16}}
+
+
+def _tiny_quickstart():
+  config = quickstart.get_config()
+  config.unlock()
+  config.data.test_scale = (120, 90)
+  config.eval.stride = (96, 96)
+  config.lock()
+  return config
+
+
+@pytest.fixture(scope="module")
+def quickstart_on_v5e_2x2():
+  sizes = [(90, 120), (120, 90), (60, 80), (90, 120), (90, 120)]
+  return aot.run(_tiny_quickstart(), "v5e:2x2", sizes=sizes), sizes
+
+
+def test_quickstart_step_compiles_for_a_tpu_with_memory_and_data_parallel_all_reduce(
+    quickstart_on_v5e_2x2):
+  report, _ = quickstart_on_v5e_2x2
+  assert report["device_kind"] == "TPU v5 lite" and report["chips"] == 4
+  step = report["programs"][0]
+  assert step["name"].startswith("train step, batch 8 (2 per chip)")
+  assert step["fits"] and step["flops"] > 1e9
+  assert step["arguments"] > 0 and step["temporaries"] > 0
+  assert step["total"] >= step["arguments"] + step["temporaries"]
+  # Gradients summed over the 4 data-parallel chips: at least the parameters' bytes.
+  params = sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(
+      abstract_params(_tiny_quickstart().model)))
+  assert step["collectives"]["all-reduce"]["bytes"] >= 4 * params
+  assert 0 < step["mfu_bound"] <= 1 and step["roofline_s"] > 0
+  assert "| train step, batch 8 (2 per chip) |" in report["table"]
+
+
+def test_every_evaluation_forward_is_compiled_once(quickstart_on_v5e_2x2):
+  report, sizes = quickstart_on_v5e_2x2
+  forwards = [p for p in report["programs"] if p["name"].startswith("eval forward")]
+  config = _tiny_quickstart()
+  expected = ev.forward_calls(
+      aot.eval_settings(config, "ss"), sizes, local_shards=4,
+      images_per_batch=config.eval.images_per_batch,
+      windows_per_call=config.eval.windows_per_call,
+      min_windows_per_call=config.eval.min_windows_per_call)
+  assert len(forwards) == len(expected) == report["eval"]["programs"] > 1
+  assert sum(p["calls"] for p in forwards) == sum(expected.values())
+  assert all(p["fits"] and p["flops"] > 0 and p["arguments"] > 0 for p in forwards)
+
+
+def test_forward_calls_are_the_calls_segment_makes():
+  settings = ev.EvalSettings(mean=(0, 0, 0), std=(1, 1, 1), test_scale=(64, 48),
+                             crop=(32, 32), stride=(24, 24), ratios=(0.5, 1.0), flip=True,
+                             patch_size=8)
+  sizes = [(48, 64), (64, 48), (30, 40), (48, 64), (48, 64), (20, 100), (48, 64)]
+  seen = collections.Counter()
+
+  def logits_fn(windows):
+    seen[windows.shape[:3]] += 1
+    n, h, w, _ = windows.shape
+    return jnp.zeros((n, -(-h // 8), -(-w // 8), 3))
+
+  rng = np.random.default_rng(0)
+  records = [{"image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+              "label": np.zeros((h, w), np.int32)} for h, w in sizes]
+  options = dict(images_per_batch=2, windows_per_call=4, min_windows_per_call=1)
+  list(ev.segment(logits_fn, records, settings, num_classes=3, **options))
+  expected = ev.forward_calls(settings, sizes, **options)
+  assert seen == collections.Counter({(n, h, w): c for (h, w, n), c in expected.items()})
+
+
+def test_max_batch_is_the_largest_that_fits(monkeypatch):
+  devices = aot.slice_devices(aot.parse_slice("v5e-8"))
+  chip = aot.CHIPS["v5e"]
+  compiled = []
+
+  def fake_step(config, devices, batch, chip):
+    per_chip = batch // 8
+    compiled.append(per_chip)
+    total = int((1.5 + 0.9 * per_chip) * 2 ** 30)  # 16 GiB hold 16 per chip
+    return aot.Program(f"train step, batch {batch} ({per_chip} per chip)", 0.0,
+                       fits=total <= chip.hbm_gib * 2 ** 30, total=total)
+
+  monkeypatch.setattr(aot, "train_step_program", fake_step)
+  best, tried = aot.max_batch_per_chip(quickstart.get_config(), devices, chip)
+  assert best == 16 and {16, 17} <= set(compiled) and len(compiled) <= 5
+
+
+def _aot(*args, block_libtpu=False):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  code = ("import sys, runpy; " + ("sys.modules['libtpu'] = None; " if block_libtpu else "")
+          + "sys.argv = ['aot'] + sys.argv[1:]; runpy.run_module('mlseg_jax.aot', "
+          "run_name='__main__')")
+  return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--topology", "v5e-7"], "--topology=v5e-7: a v5e slice counts chips, a power of two"),
+    (["--topology", "h100-8"], "--topology='h100-8' is not a TPU slice"),
+    (["--topology", "v5e-8", "--config.mesh.fsdp=3"],
+     "mesh.data=-1 x mesh.fsdp=3 does not fit 8 devices"),
+    (["--topology", "v5e-32"], "train.batch_size=8 is not divisible by the data-parallel "
+     "size 32"),
+    (["--topology", "v5e-8", "--batch", "12"], "train.batch_size=12 is not divisible"),
+    (["--topology", "v5e-8", "--config.model.attention_impl=cudnn",
+      "--config.model.dtype=bfloat16"], "model.attention_impl='cudnn' is for NVIDIA GPUs"),
+])
+def test_mistakes_get_one_line_and_exit_2(args, message):
+  proc = _aot("--config", "quickstart", "--noeval", *args)
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert message in proc.stderr[proc.stderr.index("error:"):]
+  assert "Traceback" not in proc.stderr
+
+
+def test_no_libtpu_is_one_line():
+  proc = _aot("--config", "quickstart", "--topology", "v5e-8", block_libtpu=True)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "error: compiling for a TPU needs libtpu: pip install" in proc.stderr
