@@ -40,19 +40,6 @@ from ml_collections import config_flags
 
 from mlseg_jax import errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config (configs/NAME.py or NAME).",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5e-8, v4-8, v5p-8, v6e-8, "
-                                "v5e-32, ... or a libtpu topology such as v5e:2x4.")
-_BATCH = flags.DEFINE_integer("batch", None, "Global training batch (default: the config's).")
-_MAX_BATCH = flags.DEFINE_bool("max_batch", False, "Also find, by compiling, the largest "
-                               "batch per chip whose training step fits the chip's HBM.")
-_EVAL = flags.DEFINE_bool("eval", True, "Compile the evaluation forwards too.")
-_TRAIN = flags.DEFINE_bool("train", True, "Compile the training step.")
-_SIZES = flags.DEFINE_string("sizes", "ade20k", "Evaluation image sizes: 'ade20k' (drawn "
-                             "like ADE20K val's) or HxW,HxW,... (cycled to --images).")
-_IMAGES = flags.DEFINE_integer("images", 2000, "Evaluation images whose calls are counted.")
-_JSON = flags.DEFINE_string("json", None, "Write every number to this JSON file.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,9 +231,18 @@ class Program:
 def compile_program(name: str, jitted, args: Sequence[Any], chip: Chip) -> Program:
   """`jitted.lower(*args).compile()` for the slice of `args`' shardings, analysed; a
   program the chip's HBM cannot hold is reported (fits=False), with what it would use."""
+  import jax
+
   start = time.perf_counter()
   try:
-    compiled = jitted.lower(*args).compile()
+    # A compile-only device has no client to load a cached executable into, and the
+    # seconds reported are what a first run on the slice pays.
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+      compiled = jitted.lower(*args).compile()
+    finally:
+      jax.config.update("jax_enable_compilation_cache", was)
   except Exception as e:  # noqa: BLE001 -- XLA raises its runtime error type, per version.
     text = str(e)
     m = _OOM_RE.search(text)
@@ -537,6 +533,25 @@ def run(config, topology: str, *, batch: int | None = None, find_max_batch: bool
   return report
 
 
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs: `main` imports this module's
+  functions into its process, where a second `--config` flag would collide."""
+  global _CONFIG, _TOPOLOGY, _BATCH, _MAX_BATCH, _EVAL, _TRAIN, _SIZES, _IMAGES, _JSON
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config (configs/NAME.py or NAME).",
+                                            lock_config=True)
+  _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5e-8, v4-8, v5p-8, v6e-8, "
+                                  "v5e-32, ... or a libtpu topology such as v5e:2x4.")
+  _BATCH = flags.DEFINE_integer("batch", None, "Global training batch (default: the config's).")
+  _MAX_BATCH = flags.DEFINE_bool("max_batch", False, "Also find, by compiling, the largest "
+                                 "batch per chip whose training step fits the chip's HBM.")
+  _EVAL = flags.DEFINE_bool("eval", True, "Compile the evaluation forwards too.")
+  _TRAIN = flags.DEFINE_bool("train", True, "Compile the training step.")
+  _SIZES = flags.DEFINE_string("sizes", "ade20k", "Evaluation image sizes: 'ade20k' (drawn "
+                               "like ADE20K val's) or HxW,HxW,... (cycled to --images).")
+  _IMAGES = flags.DEFINE_integer("images", 2000, "Evaluation images whose calls are counted.")
+  _JSON = flags.DEFINE_string("json", None, "Write every number to this JSON file.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -569,4 +584,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   errors.run(main)

@@ -177,3 +177,9 @@ def test_no_libtpu_is_one_line():
   proc = _aot("--config", "quickstart", "--topology", "v5e-8", block_libtpu=True)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "error: compiling for a TPU needs libtpu: pip install" in proc.stderr
+
+
+def test_the_command_and_main_import_into_one_process():
+  # Both define --config when run; importing them for their functions must not.
+  import mlseg_jax.aot  # noqa: F401
+  import mlseg_jax.main  # noqa: F401
