@@ -138,9 +138,9 @@ class CountingForward:
   def __init__(self, predict_fn):
     self.predict_fn, self.calls = predict_fn, []
 
-  def __call__(self, params, windows, *rest):
+  def __call__(self, params, windows, *rest, **kwargs):
     self.calls.append(tuple(windows.shape[:3]))
-    return self.predict_fn(params, windows, *rest)
+    return self.predict_fn(params, windows, *rest, **kwargs)
 
 
 class CompileCounter:

@@ -374,6 +374,7 @@ def eval_programs(config, devices, sizes, chip: Chip) -> tuple[list[Program], di
   predict = evaluators_lib.make_predict_fn(config.model)
   windows = NamedSharding(mesh, PartitionSpec(sharding_lib.BATCH_AXES))
   gt = decoder_spec(config.model).needs_labels
+  masked = eval_settings(config, config.eval.run[0]).masked_padding
   total = collections.Counter()
   for per in calls.values():
     total.update(per)
@@ -383,6 +384,8 @@ def eval_programs(config, devices, sizes, chip: Chip) -> tuple[list[Program], di
     if gt:
       args.append(jax.ShapeDtypeStruct((n, config.model.num_classes), jnp.bool_,
                                        sharding=windows))
+    if masked:
+      args.append(jax.ShapeDtypeStruct((n, 2), jnp.int32, sharding=windows))
     p = compile_program(f"eval forward {wh}x{ww}, {n} windows", predict, args, chip)
     p.calls = count
     programs.append(p)

@@ -42,10 +42,15 @@ How it runs here, with static shapes and nothing per window in Python:
     2-core CPU this takes 6 ms per 512x683 image for the six scales, where an emulation of
     OpenCV's integer arithmetic in XLA took 31 ms. Flip (after the resize, on device) and
     mmcv's normalisation (a per-grey-level table, bit for bit) follow on the device.
-  - A small image's window is cut at its size rounded up to `small_window_multiple` (the
-    patch by default: exactly the reference's model input, one model compilation per
-    distinct small size); its logits grid is zero-padded to the crop's before the resize
-    stages, so those compile once per crop-sized pass shape whatever the small size.
+  - A small image's window: with `masked_padding` (heads that mask padding, the default
+    of the evaluators for them) it runs zero-padded to the crop, and `logits_fn` gets each
+    window's own token grid (`valid_grid`): the model resizes the position embedding to
+    that grid and hides the padding from attention and pooling, so its logits in those
+    cells are the unpadded window's, and one model program serves every window of a call
+    size. Otherwise it is cut at its size rounded up to `small_window_multiple` (the patch
+    by default: exactly the reference's model input, one model compilation per distinct
+    small size). Its logits grid is zero-padded to the crop's before the resize stages,
+    so those compile once per crop-sized pass shape whatever the small size.
   - Windows are cut with `lax.dynamic_slice` and sent to `logits_fn` `windows_per_call` per
     host at a time, windows of several images together, sharded over the mesh's data axis;
     the windows left after the full calls go in calls of a power of two times
@@ -184,6 +189,11 @@ class EvalSettings:
   # cuts their window at the image's size rounded up to m (m = patch: exactly mmseg's model
   # input, one model compilation per distinct small size); 0 pads it to the crop.
   small_window_multiple: int | None = None
+  # The model masks padding (`DecoderSpec.masks_padding`): small windows run padded to the
+  # crop, and `logits_fn` also takes `valid_grid=` (N, 2), each window's own token grid,
+  # giving in those cells the unpadded window's logits: the reference's numbers at one
+  # model program per call size. Needs small_window_multiple unset or 0.
+  masked_padding: bool = False
 
   def __post_init__(self):
     # Plain tuples of Python numbers: the settings are a static (hashed) argument of jit.
@@ -210,8 +220,12 @@ class EvalSettings:
                        "that no window covers")
     if not self.ratios or min(self.ratios) <= 0:
       raise ValueError(f"ratios must be positive, got {self.ratios}")
+    object.__setattr__(self, "masked_padding", bool(self.masked_padding))
     m = self.small_window_multiple
-    m = self.patch_size if m is None else int(m)
+    if self.masked_padding and m not in (None, 0):
+      raise ValueError(f"masked_padding runs small windows padded to the crop: "
+                       f"small_window_multiple={m} cuts them instead")
+    m = 0 if self.masked_padding else self.patch_size if m is None else int(m)
     if m < 0 or m % self.patch_size:
       raise ValueError(f"small_window_multiple={m} must be 0 (pad to the crop) or a multiple "
                        f"of the patch size {self.patch_size}")
@@ -379,6 +393,17 @@ def _window_classes(classes, *, per_image: int, layout: tuple[int, int, int, int
   """+GT: (B, C) class sets of the images -> (blocks * padded, C), each window's image's
   set, laid out like `_cut_windows`'s windows."""
   return _constrain(_to_blocks(jnp.repeat(classes, per_image, axis=0), *layout), sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("per_image", "settings", "layout", "sharding"))
+def _window_grids(scaled_hw, *, per_image: int, settings: EvalSettings,
+                  layout: tuple[int, int, int, int], sharding):
+  """Masked padding: (B, 2) resized image sizes -> (blocks * padded, 2) int32, each
+  window's own token grid (an image smaller than the crop is one window of its size),
+  laid out like `_cut_windows`'s windows."""
+  true = jnp.minimum(scaled_hw, jnp.asarray(settings.crop, jnp.int32))
+  grid = (-(-true // settings.patch_size)).astype(jnp.int32)
+  return _constrain(_to_blocks(jnp.repeat(grid, per_image, axis=0), *layout), sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("shards", "sharding"), donate_argnums=0)
@@ -868,7 +893,8 @@ def _host_inputs(run: _Run, batch: _Batch) -> dict[str, Any]:
   return out
 
 
-def _run_model(run: _Run, windows, classes, n_windows: int, ps: PassShape, layout):
+def _run_model(run: _Run, windows, classes, grids_in, n_windows: int, ps: PassShape,
+               layout):
   """logits_fn over the first n_windows windows of every process's part (`call_sizes` at a
   time) -> logits grids and image logits, laid out like the windows (windows never run stay
   0; they only hold padding slots)."""
@@ -882,7 +908,8 @@ def _run_model(run: _Run, windows, classes, n_windows: int, ps: PassShape, layou
     take = functools.partial(_take_chunk, shards=run.shards, size=size // lanes,
                              sharding=run.sharding)
     args = [take(windows, index)] + ([] if classes is None else [take(classes, index)])
-    out = run.logits_fn(*args)
+    out = (run.logits_fn(*args) if grids_in is None
+           else run.logits_fn(*args, valid_grid=take(grids_in, index)))
     _settle(run, *jax.tree.leaves(out))
     logits, il = _unpack_model_output(out, run.blocks * size,
                                       (ps.window_h, ps.window_w), run.settings.patch_size,
@@ -918,10 +945,12 @@ def _run_pass(run: _Run, batch: _Batch, p: int, inputs: dict[str, Any], totals: 
   windows = _cut_windows(inputs["scaled"][k], scaled, flip, shape=ps, **common)
   classes = (None if inputs["classes"] is None else _window_classes(
       inputs["classes"][k], per_image=ps.rows * ps.cols, layout=layout, sharding=run.sharding))
-  _settle(run, windows, classes)
+  valid_grids = (_window_grids(scaled, per_image=ps.rows * ps.cols, **common)
+                 if run.settings.masked_padding else None)
+  _settle(run, windows, classes, valid_grids)
   # Only the first max_items images of each process's part hold an image anywhere.
-  grids, image_logits = _run_model(run, windows, classes, batch.max_items * ps.rows * ps.cols,
-                                   ps, layout)
+  grids, image_logits = _run_model(run, windows, classes, valid_grids,
+                                   batch.max_items * ps.rows * ps.cols, ps, layout)
   # After the model, every small-window size of this pass shares one program.
   common["shape"] = ps.at_crop(run.settings.crop)
   scores, image_scores, selected = totals

@@ -55,10 +55,13 @@ def default_eval_config() -> ml_collections.ConfigDict:
   # size times the class count (keep 1-2 for COCO+LVIS's 1284 classes).
   c.images_per_batch = 2
   # Resized images smaller than the window (every ADE20K image at ratios 0.5 and 0.75):
-  # unset (the patch size) cuts their window at their own size rounded up to the patch,
-  # exactly mmseg's model input, at one model compilation per distinct small size; 0 pads
-  # them to the window, one compilation, for speed, at the price of the extra zero tokens
-  # the backbone attends to (README, "Differences from the reference").
+  # unset runs them exactly as mmseg does (the model on the window at its own size): with
+  # heads that mask padding (mask transformer, linear, MLSeg) padded to the window with
+  # the padding hidden, one compilation per call size; with the others cut at their size
+  # rounded up to the patch, one compilation per distinct small size. A multiple of the
+  # patch cuts them at that multiple; 0 pads them to the window unmasked, at the price of
+  # the extra zero tokens the backbone attends to (README, "Differences from the
+  # reference").
   c.small_window_multiple = config_dict.placeholder(int)
   c.split = "val"
   c.max_images = 0  # 0: the whole split.
@@ -101,7 +104,9 @@ def resolve_eval_config(config: ml_collections.ConfigDict) -> list[str]:
 def make_predict_fn(model_config: ml_collections.ConfigDict) -> Callable[..., Any]:
   """The jitted forward: predict_fn(params, windows (N, h, w, 3)) -> {"logits", and for
   top-k heads "image_logits"}; for +GT predict_fn(params, windows, classes (N, n_cls) bool)
-  -> {"logits"}. Traced once per window shape, whatever the parameters' values."""
+  -> {"logits"}. Heads that mask padding (`DecoderSpec.masks_padding`) also take
+  `valid_grid=` (N, 2) int32, each padded window's own token grid. Traced once per window
+  shape, whatever the parameters' values."""
   model = build_model(model_config)
   if decoder_spec(model_config).needs_labels:
 
@@ -110,8 +115,8 @@ def make_predict_fn(model_config: ml_collections.ConfigDict) -> Callable[..., An
       return {"logits": out["logits"]}
   else:
 
-    def forward(params, windows):
-      out = model.apply({"params": params}, windows, train=False)
+    def forward(params, windows, valid_grid=None):
+      out = model.apply({"params": params}, windows, train=False, valid_grid=valid_grid)
       return {k: out[k] for k in ("logits", "image_logits") if k in out}
 
   return jax.jit(forward)
@@ -163,7 +168,11 @@ class Evaluator:
         mean=dataset.mean, std=dataset.std, test_scale=tuple(config.data.test_scale),
         crop=tuple(config.data.crop_size), stride=tuple(e.stride),
         patch_size=VARIANTS[config.model.backbone][3],
-        small_window_multiple=e.small_window_multiple, **cls.passes(e))
+        small_window_multiple=e.small_window_multiple,
+        # Exact small windows at the crop's shape where the head masks their padding.
+        masked_padding=(e.small_window_multiple is None
+                        and decoder_spec(config.model).masks_padding),
+        **cls.passes(e))
 
   def run(self, params) -> Iterator[tuple[str, Any]]:
     predict = stops_on_signal(functools.partial(self.predict_fn, params))
@@ -210,8 +219,8 @@ def build_evaluators(config: ml_collections.ConfigDict, mesh) -> list[Evaluator]
 def stops_on_signal(fn: Callable[..., Any]) -> Callable[..., Any]:
   """`fn`, checking before each call whether a signal asks the evaluation to end."""
 
-  def call(*args):
+  def call(*args, **kwargs):
     preemption.check_interrupted()
-    return fn(*args)
+    return fn(*args, **kwargs)
 
   return call

@@ -74,6 +74,16 @@ def cubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   return m.astype(np.float32)
 
 
+def cubic_matrices(in_size: int, out_len: int) -> np.ndarray:
+  """(out_len + 1, out_len, in_size): entry n is `cubic_matrix(in_size, n)` in its first n
+  rows, zero below. Indexed by a traced size, one program serves every output size with
+  the very matrices of the static resize."""
+  table = np.zeros((out_len + 1, out_len, in_size), np.float32)
+  for n in range(1, out_len + 1):
+    table[n, :n] = cubic_matrix(in_size, n)
+  return table
+
+
 def _resize(x, size, matrix_fn, spatial_axes):
   ah, aw = spatial_axes
   out_h, out_w = size

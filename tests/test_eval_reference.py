@@ -99,8 +99,8 @@ def tiny_models():
   """Per decoder: our evaluation's logits_fn (the jitted forward of evaluators.py) and the
   reference side's per-window call, model.apply at the window's own shape."""
   models = {}
-  for decoder in ("mask_transformer", "mlseg_gt"):
-    config = tiny_model_config(decoder=decoder, num_classes=C)
+  for decoder in ("mask_transformer", "mlseg_gt", "mlseg"):
+    config = tiny_model_config(decoder=decoder, num_classes=C, topk=4)
     model = build_model(config)
     rngs = {"params": jax.random.key(3), "dropout": jax.random.key(4)}
     params = jax.jit(lambda x, y, m=model: m.init(rngs, x, labels=y))(
@@ -112,15 +112,16 @@ def tiny_models():
       kw = {} if classes is None else {"labels": classes}
       return model.apply({"params": params}, x, train=False, **kw)["logits"]
 
-    models[decoder] = (lambda *a, p=params, f=predict: f(p, *a)), apply
+    models[decoder] = (lambda *a, p=params, f=predict, **kw: f(p, *a, **kw)), apply
   return models
 
 
-def assert_reference_predictions(logits_fn, apply, s, gt):
+def assert_reference_predictions(logits_fn, apply, s, gt, topk=None):
   samples = ade_samples()
   got = {}
   for batch in ev.segment(logits_fn, records_of(samples), s, num_classes=C, gt_classes=gt,
-                          keep_predictions=True, images_per_batch=2, windows_per_call=8):
+                          keep_predictions=True, images_per_batch=2, windows_per_call=8,
+                          topk=topk):
     for r in batch.images:
       got[r.name] = r.prediction
   for name, image, label in samples:
@@ -145,6 +146,26 @@ def test_multiscale_flip_evaluation_is_the_reference_on_ade20k_samples(tiny_mode
   logits_fn, apply = tiny_models["mask_transformer"]
   s = ev.EvalSettings(**GEOMETRY, ratios=ev.MS_RATIOS, flip=True)
   assert_reference_predictions(logits_fn, apply, s, gt=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decoder", ["mask_transformer", "mlseg"])
+def test_masked_padding_evaluation_is_the_reference_on_ade20k_samples(tiny_models, decoder):
+  """The small windows of ratios 0.5 and 0.75 run padded to the crop, their padding
+  hidden from attention and MLSeg's pooling, their position embedding resized to their
+  own grid: the reference's predictions from windows of one shape."""
+  logits_fn, apply = tiny_models[decoder]
+  s = ev.EvalSettings(**GEOMETRY, ratios=(0.5, 0.75, 1.0), flip=True, masked_padding=True)
+  shapes = set()
+
+  def recording(windows, **kw):
+    shapes.add(windows.shape[1:3])
+    assert kw["valid_grid"].shape == (windows.shape[0], 2)
+    return logits_fn(windows, **kw)
+
+  assert_reference_predictions(recording, apply, s, gt=False,
+                               topk=4 if decoder == "mlseg" else None)
+  assert shapes == {s.crop}
 
 
 @pytest.mark.slow

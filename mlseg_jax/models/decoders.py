@@ -13,6 +13,9 @@ what the rest of the code needs to know about it, so nothing else compares decod
                  and in mmseg 1.x's, from the model config (`convert.py` adds the
                  backbone's); `*_dropped`: the head's keys there that are knowingly unused.
                  mmseg_rules=None: mmseg has no such head.
+  masks_padding  the head takes `valid_grid` (`Segmenter`): a small window padded to the
+                 crop gives, in its own cells, the logits of the unpadded window, so the
+                 evaluation runs every small window at the crop's shape (one program).
 
 The reference's class for each name is in `mlseg.py`'s docstring.
 """
@@ -39,6 +42,7 @@ class DecoderSpec:
   loss: Callable[[dict, Any, ml_collections.ConfigDict], tuple]
   selects_topk: bool = False
   needs_labels: bool = False
+  masks_padding: bool = False
   # (model config, prefix=, path=) -> the head's rules; prefix and path default to the
   # whole model's ("decode_head.", ("decode_head",)).
   reference_rules: Optional[Callable[..., list]] = None
@@ -63,18 +67,18 @@ def _reference(head_rules):
 
 DECODERS: dict[str, DecoderSpec] = {spec.name: spec for spec in (
     DecoderSpec("mask_transformer", lambda c, dtype: MaskTransformer(**_blocks(c, dtype)),
-                losses.segmenter_losses,
+                losses.segmenter_losses, masks_padding=True,
                 reference_rules=_reference(rules.mask_transformer_rules),
                 mmseg_rules=lambda c, **at: rules.mmseg_mask_head_rules(c.n_layers, **at),
                 mmseg_dropped=rules.MMSEG_MASK_HEAD_DROPPED),
     DecoderSpec("linear", lambda c, dtype: LinearDecoder(num_classes=c.num_classes,
                                                          dtype=dtype),
-                losses.segmenter_losses,
+                losses.segmenter_losses, masks_padding=True,
                 reference_rules=lambda c, **at: rules.reference_linear_head_rules(**at),
                 mmseg_rules=lambda c, **at: rules.mmseg_linear_head_rules(**at)),
     DecoderSpec("mlseg", lambda c, dtype: mlseg.MLSegHead(
         topk=c.topk, pool_grid=c.pool_grid, **_blocks(c, dtype)),
-                losses.mlseg_losses, selects_topk=True,
+                losses.mlseg_losses, selects_topk=True, masks_padding=True,
                 reference_rules=_reference(rules.mlseg_head_rules)),
     DecoderSpec("mlseg_trandec", lambda c, dtype: mlseg_ablations.MLSegAblationHead(
         classifier="trandec", topk=c.topk, pool_grid=c.pool_grid, **_blocks(c, dtype)),

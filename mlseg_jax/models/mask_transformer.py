@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from mlseg_jax.models.vit import Block, trunc_normal
+from mlseg_jax.models.vit import Block, grid_mask, trunc_normal
 
 Dtype = Any
 
@@ -97,16 +97,21 @@ class MaskTransformerBase(nn.Module):
                        "d_model == backbone width)")
     return class_emb
 
-  def class_masks(self, patches, classes, blocks, *, train: bool, kv_seqlen=None):
+  def class_masks(self, patches, classes, blocks, *, train: bool, kv_seqlen=None,
+                  patch_mask=None):
     """The segmentation tail: blocks + decoder_norm + cosine masks, before mask_norm.
 
     patches (B, N, D), classes (B, K, D) -> (B, N, K). kv_seqlen (B,): tokens at or past
-    it are hidden from attention as keys.
+    it are hidden from attention as keys; patch_mask (B, N) bool: only these patches are
+    (a padded window's own cells).
     """
     k = classes.shape[1]
     x = jnp.concatenate([patches, classes.astype(patches.dtype)], 1)
+    kv_mask = None
+    if patch_mask is not None:
+      kv_mask = jnp.concatenate([patch_mask, jnp.ones((x.shape[0], k), bool)], 1)
     for blk in blocks:
-      x = blk(x, train, kv_seqlen)
+      x = blk(x, train, kv_seqlen, kv_mask)
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="decoder_norm")(x)
     d = self.d_model
     proj_patch = self.param("proj_patch", projection_init(d), (d, d))
@@ -118,14 +123,16 @@ class MaskTransformer(MaskTransformerBase):
   """Segmenter's mask transformer: (B, gh, gw, D_enc) tokens -> (B, gh, gw, n_cls) logits."""
 
   @nn.compact
-  def __call__(self, tokens, class_emb=None, *, train: bool = False, labels=None):
+  def __call__(self, tokens, class_emb=None, *, train: bool = False, labels=None,
+               valid_grid=None):
     del labels  # Only the +GT head reads labels.
     b, gh, gw, _ = tokens.shape
     patches = nn.Dense(self.d_model, dtype=self.dtype, kernel_init=trunc_normal(),
                        name="proj_dec")(tokens.reshape(b, gh * gw, -1))  # (B, N, D)
     classes = self.class_embeddings(class_emb, b)  # (B, n_cls, D)
-    masks = self.class_masks(patches, classes, self.decoder_blocks(),
-                             train=train)  # (B, N, n_cls)
+    patch_mask = None if valid_grid is None else grid_mask(valid_grid, (gh, gw))
+    masks = self.class_masks(patches, classes, self.decoder_blocks(), train=train,
+                             patch_mask=patch_mask)  # (B, N, n_cls)
     masks = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="mask_norm")(masks)
     return {"logits": masks.reshape(b, gh, gw, self.num_classes)}
 
@@ -136,8 +143,9 @@ class LinearDecoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens, class_emb=None, *, train: bool = False, labels=None):
-    del class_emb, train, labels
+  def __call__(self, tokens, class_emb=None, *, train: bool = False, labels=None,
+               valid_grid=None):
+    del class_emb, train, labels, valid_grid  # Per token: padding changes nothing.
     logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=trunc_normal(),
                       name="head")(tokens)
     return {"logits": logits}  # (B, gh, gw, n_cls)

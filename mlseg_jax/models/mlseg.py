@@ -47,10 +47,11 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mlseg_jax import IGNORE_LABEL
 from mlseg_jax.models.mask_transformer import MaskTransformerBase
-from mlseg_jax.models.vit import trunc_normal
+from mlseg_jax.models.vit import grid_mask, trunc_normal
 
 # Inference logit of a class outside the selected set (the reference's fill value).
 UNSELECTED_LOGIT = -100.0
@@ -85,6 +86,26 @@ def adaptive_avg_pool(x, size):
   else:
     x32 = _pool_axis(_pool_axis(x32, 1, size[0]), 2, size[1])
   return x32.astype(x.dtype)
+
+
+def _pool_matrices(out: int, in_len: int) -> np.ndarray:
+  """(in_len + 1, out, in_len): entry n averages PyTorch's adaptive bins over n inputs."""
+  table = np.zeros((in_len + 1, out, in_len), np.float32)
+  for n in range(1, in_len + 1):
+    for i in range(out):
+      s, e = i * n // out, -(-(i + 1) * n // out)
+      table[n, i, s:e] = 1.0 / (e - s)
+  return table
+
+
+def adaptive_avg_pool_to(x, valid_grid, size):
+  """`adaptive_avg_pool` of each map's own (gh, gw) top-left cells (valid_grid (B, 2)
+  int32; a padded window's), one program for every grid."""
+  (h, w), hp = x.shape[1:3], jax.lax.Precision.HIGHEST
+  ph = jnp.asarray(_pool_matrices(size[0], h))[valid_grid[:, 0]]  # (B, s, H)
+  pw = jnp.asarray(_pool_matrices(size[1], w))[valid_grid[:, 1]]  # (B, s, W)
+  y = jnp.einsum("bih,bhwc->biwc", ph, x.astype(jnp.float32), precision=hp)
+  return jnp.einsum("bjw,biwc->bijc", pw, y, precision=hp).astype(x.dtype)
 
 
 def torch_uniform(bound):
@@ -176,7 +197,8 @@ def rank_labels(labels, topk_index, num_classes: int):
   return jnp.where(slot >= 0, slot, IGNORE_LABEL)
 
 
-def segment_topk_classes(module, patches, classes, image_logits, blocks, grid, *, train):
+def segment_topk_classes(module, patches, classes, image_logits, blocks, grid, *, train,
+                         patch_mask=None):
   """A selecting head's outputs (module docstring): top-k selection, the rank-slot masks
   and the full-class logits.
 
@@ -186,7 +208,8 @@ def segment_topk_classes(module, patches, classes, image_logits, blocks, grid, *
   b = patches.shape[0]
   topk_index = select_topk_classes(image_logits, module.topk)  # (B, k)
   selected = gather_class_tokens(classes, topk_index)  # (B, k, D), rank order
-  masks = module.class_masks(patches, selected, blocks, train=train)  # (B, N, k)
+  masks = module.class_masks(patches, selected, blocks, train=train,
+                             patch_mask=patch_mask)  # (B, N, k)
   # mask_norm normalises over the k rank slots: its scale/bias are per slot, not per class.
   masks = nn.LayerNorm(epsilon=1e-5, dtype=module.dtype, use_fast_variance=False,
                        name="mask_norm")(masks)
@@ -219,7 +242,8 @@ class MLSegHead(MaskTransformerBase):
   pool_grid: int = 8  # Pooled grid of the multi-label branch; 0: all patch tokens.
 
   @nn.compact
-  def __call__(self, tokens, class_emb=None, *, train: bool = False, labels=None):
+  def __call__(self, tokens, class_emb=None, *, train: bool = False, labels=None,
+               valid_grid=None):
     del labels  # The label set comes from the multi-label head.
     check_topk(self.topk, self.num_classes)
     if self.n_layers < 1:
@@ -233,12 +257,19 @@ class MLSegHead(MaskTransformerBase):
     blocks = self.decoder_blocks()
 
     # Multi-label branch: every class token attends to a coarse view of the image.
+    patch_mask = None if valid_grid is None else grid_mask(valid_grid, (gh, gw))
+    block0_mask = None
     if self.pool_grid:
-      pooled = adaptive_avg_pool(tokens, (self.pool_grid, self.pool_grid))
+      size = (self.pool_grid, self.pool_grid)
+      pooled = (adaptive_avg_pool(tokens, size) if valid_grid is None
+                else adaptive_avg_pool_to(tokens, valid_grid, size))
       ml_patches = proj_dec(pooled.reshape(b, self.pool_grid ** 2, -1))  # (B, s*s, D)
     else:
       ml_patches = patches
-    x = blocks[0](jnp.concatenate([ml_patches, classes.astype(ml_patches.dtype)], 1), train)
+      if patch_mask is not None:
+        block0_mask = jnp.concatenate([patch_mask, jnp.ones((b, n_cls), bool)], 1)
+    x = blocks[0](jnp.concatenate([ml_patches, classes.astype(ml_patches.dtype)], 1), train,
+                  None, block0_mask)
     if not self.pool_grid:  # Block 0's patch outputs feed the segmentation blocks.
       patches = x[:, :-n_cls]
     classes = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="decoder_norm2")(
@@ -247,4 +278,4 @@ class MLSegHead(MaskTransformerBase):
 
     # The selected block-0 class tokens (not the raw embeddings) segment the image.
     return segment_topk_classes(self, patches, classes, image_logits, blocks[1:], (gh, gw),
-                                train=train)
+                                train=train, patch_mask=patch_mask)

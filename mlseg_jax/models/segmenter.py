@@ -16,7 +16,7 @@ import ml_collections
 from absl import logging
 
 from mlseg_jax.models.decoders import decoder_spec
-from mlseg_jax.models.vit import REMAT_POLICIES, VARIANTS, ViT
+from mlseg_jax.models.vit import REMAT_POLICIES, VARIANTS, ViT, grid_mask
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -25,10 +25,20 @@ class Segmenter(nn.Module):
   backbone: nn.Module
   decode_head: nn.Module
 
-  def __call__(self, images, *, train: bool = False, labels=None):
-    tokens, aux = self.backbone(images, train=train)
-    out = self.decode_head(tokens, aux.get("class_tokens"), train=train, labels=labels)
-    return dict(out, tokens=tokens)
+  def __call__(self, images, *, train: bool = False, labels=None, valid_grid=None):
+    """valid_grid: optional (B, 2) int32 token grid of each image's own content when the
+    images are smaller windows zero-padded to one shape (`ViT`): heads whose
+    `DecoderSpec.masks_padding` is set then compute, in those cells, what the unpadded
+    window gives (elsewhere the logits are 0)."""
+    if valid_grid is None:
+      tokens, aux = self.backbone(images, train=train)
+      out = self.decode_head(tokens, aux.get("class_tokens"), train=train, labels=labels)
+      return dict(out, tokens=tokens)
+    tokens, aux = self.backbone(images, train=train, valid_grid=valid_grid)
+    out = self.decode_head(tokens, aux.get("class_tokens"), train=train, labels=labels,
+                           valid_grid=valid_grid)
+    inside = grid_mask(valid_grid, tokens.shape[1:3]).reshape(tokens.shape[:3])[..., None]
+    return dict(out, tokens=tokens, logits=jnp.where(inside, out["logits"], 0))
 
 
 def default_model_config() -> ml_collections.ConfigDict:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlseg_jax.resize import resize_bicubic
+from mlseg_jax.resize import cubic_matrices, resize_bicubic
 
 VARIANTS = {
     # name: (width, depth, heads, patch)
@@ -54,11 +54,22 @@ class DropPath(nn.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
-def _dropout_attention(q, k, v, kv_seqlen, rng, *, rate: float, dtype):
+def _key_mask(kv_seqlen, kv_mask, n: int):
+  """(B, 1, 1, N) keys that get attention, from a length and/or a boolean mask; None if
+  neither is given."""
+  valid = None
+  if kv_seqlen is not None:
+    valid = jnp.arange(n)[None, :] < kv_seqlen[:, None]
+  if kv_mask is not None:
+    valid = kv_mask if valid is None else valid & kv_mask
+  return None if valid is None else valid[:, None, None, :]
+
+
+def _dropout_attention(q, k, v, kv_seqlen, kv_mask, rng, *, rate: float, dtype):
   """softmax(q k^T / sqrt(d)) with dropout on the probabilities, times v; (B, N, H, Dh)."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
-  if kv_seqlen is not None:
-    valid = jnp.arange(k.shape[1])[None, None, None, :] < kv_seqlen[:, None, None, None]
+  valid = _key_mask(kv_seqlen, kv_mask, k.shape[1])
+  if valid is not None:
     logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
@@ -74,11 +85,13 @@ class SelfAttention(nn.Module):
   attention_impl: Optional[str] = None  # None: XLA picks; "cudnn" on GPUs; "xla".
 
   @nn.compact
-  def __call__(self, x, *, train: bool, kv_seqlen=None):
+  def __call__(self, x, *, train: bool, kv_seqlen=None, kv_mask=None):
     # kv_seqlen: optional (B,) int32; keys at or past it get no attention (the +GT head
     # puts its oracle classes first and hides the rest). A length, not a boolean mask,
     # because cuDNN's fused kernel takes lengths natively, while a mask becomes a
     # (B, H, N, N) bias tensor that it reads, and rejects for odd N in training.
+    # kv_mask: optional (B, N) bool, the keys that exist: the evaluation's small windows
+    # run padded to the crop with their padding tokens hidden (XLA's attention).
     b, n, d = x.shape
     h = self.num_heads
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=trunc_normal(), name="qkv")(x)
@@ -91,7 +104,10 @@ class SelfAttention(nn.Module):
       # stored: the probabilities, their float32 softmax and the dropout mask are several
       # (B, heads, N, N) tensors per layer, most of the decoder's activation memory.
       attend = functools.partial(_dropout_attention, rate=self.dropout, dtype=self.dtype)
-      y = jax.checkpoint(attend)(q, k, v, kv_seqlen, self.make_rng("dropout"))
+      y = jax.checkpoint(attend)(q, k, v, kv_seqlen, kv_mask, self.make_rng("dropout"))
+    elif kv_mask is not None:
+      y = jax.nn.dot_product_attention(q, k, v, mask=_key_mask(kv_seqlen, kv_mask, n),
+                                       implementation="xla")
     else:
       y = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_seqlen,
                                        implementation=self.attention_impl)
@@ -126,11 +142,11 @@ class Block(nn.Module):
   attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, train: bool = False, kv_seqlen=None):
+  def __call__(self, x, train: bool = False, kv_seqlen=None, kv_mask=None):
     y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm1")(x)
     attn = SelfAttention(num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype,
                          attention_impl=self.attention_impl, name="attn")
-    y = attn(y, train=train, kv_seqlen=kv_seqlen)
+    y = attn(y, train=train, kv_seqlen=kv_seqlen, kv_mask=kv_mask)
     x = x + DropPath(self.drop_path)(y, train=train)
     y = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="norm2")(x)
     mlp = Mlp(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype, name="mlp")
@@ -154,6 +170,31 @@ def resize_pos_embed(pos_embed, new_grid: Sequence[int], old_grid: Sequence[int]
   grid = grid.reshape(1, old_grid[0], old_grid[1], -1)
   grid = resize_bicubic(grid.astype(jnp.float32), new_grid).astype(pos_embed.dtype)
   return jnp.concatenate([cls_entry, grid.reshape(1, new_grid[0] * new_grid[1], -1)], 1)
+
+
+def resize_pos_embed_to(pos_embed, valid_grid, padded_grid: Sequence[int],
+                        old_grid: Sequence[int]):
+  """`resize_pos_embed` per window to a traced grid: (1, 1 + gh*gw, D), valid_grid (B, 2)
+  int32 -> (B, 1 + GH*GW, D) on the padded (GH, GW) grid, each window's embedding resized
+  to its own (gh, gw) in the top-left cells, zero elsewhere."""
+  cls_entry, grid = pos_embed[:, :1], pos_embed[:, 1:]
+  grid = grid.reshape(old_grid[0], old_grid[1], -1).astype(jnp.float32)
+  mh = jnp.asarray(cubic_matrices(old_grid[0], padded_grid[0]))[valid_grid[:, 0]]
+  mw = jnp.asarray(cubic_matrices(old_grid[1], padded_grid[1]))[valid_grid[:, 1]]
+  hp = jax.lax.Precision.HIGHEST
+  # The height first, then the width, as the static resize does.
+  grid = jnp.einsum("bhy,yxd->bhxd", mh, grid, precision=hp)
+  grid = jnp.einsum("bwx,bhxd->bhwd", mw, grid, precision=hp).astype(pos_embed.dtype)
+  b = valid_grid.shape[0]
+  return jnp.concatenate([jnp.broadcast_to(cls_entry, (b, 1, cls_entry.shape[-1])),
+                          grid.reshape(b, padded_grid[0] * padded_grid[1], -1)], 1)
+
+
+def grid_mask(valid_grid, padded_grid: Sequence[int]):
+  """(B, 2) true token grids -> (B, GH*GW) bool, the cells of each window's own grid."""
+  r = jnp.arange(padded_grid[0])[None, :, None] < valid_grid[:, 0, None, None]
+  c = jnp.arange(padded_grid[1])[None, None, :] < valid_grid[:, 1, None, None]
+  return (r & c).reshape(valid_grid.shape[0], -1)
 
 
 # What a rematerialised block keeps for the backward pass (jax.checkpoint_policies).
@@ -203,7 +244,11 @@ class ViT(nn.Module):
             self.heads_override or heads, patch)
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False):
+  def __call__(self, images, *, train: bool = False, valid_grid=None):
+    """valid_grid: optional (B, 2) int32, each image's own token grid (gh, gw) when it is a
+    smaller window zero-padded to `images`' size: its position embedding is resized to
+    that grid and its padding tokens are hidden from attention, so its tokens there are
+    the ones the unpadded window gives (the others are meaningless)."""
     width, depth, heads, p = self.dims
     if width % heads:
       raise ValueError(f"ViT width {width} is not divisible by {heads} heads")
@@ -222,7 +267,13 @@ class ViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, width)).astype(x.dtype), x], 1)
     pos = self.param("pos_embedding", trunc_normal(),
                      (1, 1 + stored_grid[0] * stored_grid[1], width))
-    x = x + resize_pos_embed(pos, grid, stored_grid).astype(x.dtype)
+    kv_mask = None
+    if valid_grid is None:
+      x = x + resize_pos_embed(pos, grid, stored_grid).astype(x.dtype)
+    else:
+      x = x + resize_pos_embed_to(pos, valid_grid, grid, stored_grid).astype(x.dtype)
+      ones = lambda n: jnp.ones((b, n), bool)  # noqa: E731
+      kv_mask = jnp.concatenate([ones(1), grid_mask(valid_grid, grid)], 1)
 
     class_tokens = None
     if self.num_class_tokens:
@@ -243,9 +294,11 @@ class ViT(nn.Module):
       if class_tokens is not None and i == self.class_token_start_layer:
         x = jnp.concatenate(
             [x, jnp.broadcast_to(class_tokens, (b,) + class_tokens.shape[1:]).astype(x.dtype)], 1)
+        if kv_mask is not None:
+          kv_mask = jnp.concatenate([kv_mask, ones(self.num_class_tokens)], 1)
       x = block(num_heads=heads, mlp_dim=4 * width, dropout=0.0, drop_path=float(rates[i]),
                 eps=1e-6, dtype=self.dtype, attention_impl=self.attention_impl,
-                name=f"blocks_{i}")(x, train)
+                name=f"blocks_{i}")(x, train, None, kv_mask)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
 
     aux = {}
