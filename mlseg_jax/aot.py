@@ -231,18 +231,9 @@ class Program:
 def compile_program(name: str, jitted, args: Sequence[Any], chip: Chip) -> Program:
   """`jitted.lower(*args).compile()` for the slice of `args`' shardings, analysed; a
   program the chip's HBM cannot hold is reported (fits=False), with what it would use."""
-  import jax
-
   start = time.perf_counter()
   try:
-    # A compile-only device has no client to load a cached executable into, and the
-    # seconds reported are what a first run on the slice pays.
-    was = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-      compiled = jitted.lower(*args).compile()
-    finally:
-      jax.config.update("jax_enable_compilation_cache", was)
+    compiled = jitted.lower(*args).compile()
   except Exception as e:  # noqa: BLE001 -- XLA raises its runtime error type, per version.
     text = str(e)
     m = _OOM_RE.search(text)

@@ -2,6 +2,7 @@
 programs of a config, the memory and collectives XLA reports, the refusals."""
 
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -183,3 +184,22 @@ def test_the_command_and_main_import_into_one_process():
   # Both define --config when run; importing them for their functions must not.
   import mlseg_jax.aot  # noqa: F401
   import mlseg_jax.main  # noqa: F401
+
+
+def test_the_paper_table_renders_what_is_compiled_and_marks_the_rest_pending(
+    quickstart_on_v5e_2x2, tmp_path, monkeypatch):
+  from benchmarks import tpu_table
+
+  report, _ = quickstart_on_v5e_2x2
+  rows = tpu_table.rows()
+  assert rows[0] == "segmenter_mlseg_vit_b16_512_160k_ade20k" and len(rows) == len(set(rows))
+  monkeypatch.setattr(tpu_table, "OUT", tmp_path)
+  (tmp_path / "v5e:2x2").mkdir()
+  (tmp_path / "v5e:2x2" / f"{rows[1]}.json").write_text(json.dumps(report, default=str))
+  lines = tpu_table.render(["v5e:2x2"]).splitlines()
+  assert len(lines) == 2 + len(rows)
+  done = next(line for line in lines if line.startswith(f"| {rows[1]} |"))
+  step = report["programs"][0]
+  assert f"yes ({step['total'] / 2 ** 30:.2f} of 16 GiB)" in done
+  assert f"| {step['flops'] / 1e9:.0f} |" in done and "pending" in done  # max batch
+  assert sum(line.split(" | ")[2:3] == ["pending"] for line in lines) == len(rows) - 1

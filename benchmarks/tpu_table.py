@@ -1,0 +1,124 @@
+r"""Every paper row compiled for TPU slices (`python -m mlseg_jax.aot`), as one table.
+
+  python -m benchmarks.tpu_table --topologies v5e-8,v4-8          # compile what is missing
+  python -m benchmarks.tpu_table --render                          # the table into README
+
+Each (row, slice) is one `mlseg_jax.aot` process at the reference's batch of 8 in bfloat16
+(the training step and the config's own evaluation forwards for ADE20K-sized images),
+written to `benchmarks/tpu/<slice>/<row>.json`; a row whose step does not fit is compiled
+again with `model.remat=True`, and the table says which setting it needs. `--max_batch`
+adds the largest batch per chip (`<row>.max_batch.json`). Results already on disk are
+kept, so an interrupted run resumes where it stopped; `--render` rewrites the table
+between the markers in `benchmarks/README.md` from whatever is there, rows not yet
+compiled marked pending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OUT = REPO / "benchmarks" / "tpu"
+README = REPO / "benchmarks" / "README.md"
+BEGIN, END = "<!-- tpu-table begin -->", "<!-- tpu-table end -->"
+# The rows the paper's claims rest on first, so a partial run has them.
+FIRST = ("segmenter_mlseg_vit_b16_512_160k_ade20k", "segmenter_mlseg_vit_l16_640_160k_ade20k",
+         "segmenter_vit_b16_512_160k_ade20k", "segmenter_vit_l16_640_160k_ade20k")
+
+
+def rows() -> list[str]:
+  names = sorted(p.stem for p in (REPO / "configs").glob("segmenter_*.py"))
+  return [n for n in FIRST if n in names] + [n for n in names if n not in FIRST]
+
+
+def _aot(row: str, topology: str, out: pathlib.Path, *extra: str) -> dict | None:
+  cmd = [sys.executable, "-m", "mlseg_jax.aot", "--config", f"configs/{row}.py",
+         "--topology", topology, "--json", str(out), "--config.model.dtype=bfloat16", *extra]
+  print("+", " ".join(cmd[1:]), flush=True)
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  print(proc.stdout[-3000:], proc.stderr[-2000:] if proc.returncode else "", flush=True)
+  return json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else None
+
+
+def _step(report: dict) -> dict:
+  return next(p for p in report["programs"] if p["name"].startswith("train step"))
+
+
+def compile_row(row: str, topology: str, max_batch: bool) -> None:
+  folder = OUT / topology
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / f"{row}.json"
+  if not path.exists():
+    report = _aot(row, topology, path.with_suffix(".tmp"))
+    if report is not None and not _step(report)["fits"]:
+      report = _aot(row, topology, path.with_suffix(".tmp"), "--config.model.remat=True")
+    if report is None:
+      return
+    path.with_suffix(".tmp").rename(path)
+  report = json.loads(path.read_text())
+  best = folder / f"{row}.max_batch.json"
+  if max_batch and not best.exists():
+    tmp = best.with_suffix(".tmp")
+    if _aot(row, topology, tmp, "--noeval", "--max_batch",
+            f"--config.model.remat={report['remat']}") is not None:
+      tmp.rename(best)
+
+
+def _cells(row: str, topology: str) -> list[str]:
+  path = OUT / topology / f"{row}.json"
+  if not path.exists():
+    return [row, topology] + ["pending"] + [""] * 8
+  r = json.loads(path.read_text())
+  step = _step(r)
+  hbm = r["chip"]["hbm_gib"]
+  best_path = OUT / topology / f"{row}.max_batch.json"
+  best = (str(json.loads(best_path.read_text()).get("max_batch_per_chip", "-"))
+          if best_path.exists() else "pending")
+  gib = lambda b: f"{b / 2 ** 30:.2f}"  # noqa: E731
+  fits = (f"yes ({gib(step['total'])} of {hbm:g} GiB)" if step["fits"]
+          else f"no ({gib(step['total'])} of {hbm:g} GiB)")
+  ev = r.get("eval", {})
+  return [row, topology, "on" if r["remat"] else "off", fits, best,
+          f"{step['flops'] / 1e9:.0f}" if step["fits"] else "-",
+          gib(step["temporaries"]) if step["fits"] else "-",
+          f"{step['mfu_bound']:.0%}" if step["fits"] else "-",
+          f"{step['compile_s']:.0f}",
+          f"{ev.get('programs', '-')} / {ev.get('compile_s', 0):.0f}" if ev else "-"]
+
+
+def render(topologies: list[str]) -> str:
+  head = ["row", "slice", "remat", "batch 8 fits (HBM per chip)", "max batch per chip",
+          "GFLOP per chip", "temp GiB", "MFU bound", "step compile s",
+          "eval programs / compile s"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for t in topologies:
+    for row in rows():
+      lines.append("| " + " | ".join(_cells(row, t)) + " |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--topologies", default="v5e-8,v4-8")
+  ap.add_argument("--rows", default="", help="comma-separated config names (default: all)")
+  ap.add_argument("--max_batch", action="store_true")
+  ap.add_argument("--render", action="store_true")
+  args = ap.parse_args()
+  topologies = args.topologies.split(",")
+  if args.render:
+    text = README.read_text()
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    README.write_text(head + BEGIN + "\n" + render(topologies) + "\n" + END + tail)
+    return
+  for t in topologies:
+    for row in (args.rows.split(",") if args.rows else rows()):
+      compile_row(row, t, args.max_batch)
+
+
+if __name__ == "__main__":
+  main()
