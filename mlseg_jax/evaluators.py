@@ -65,26 +65,12 @@ def default_eval_config() -> ml_collections.ConfigDict:
   c.small_window_multiple = config_dict.placeholder(int)
   c.split = "val"
   c.max_images = 0  # 0: the whole split.
-  # Deprecated aliases, unset unless given: multi_scale=True is run=("ms_flip",), False is
-  # run=("ss",); windows_per_batch is windows_per_call.
-  c.multi_scale = config_dict.placeholder(bool)
-  c.windows_per_batch = config_dict.placeholder(int)
   return c
 
 
 def resolve_eval_config(config: ml_collections.ConfigDict) -> list[str]:
-  """Moves the deprecated eval fields that were set onto their successors (a warning each,
-  then the old field is unset again, so a second call does nothing); returns what is wrong
-  with the eval fields, one line each, for `main.validate_config`."""
+  """What is wrong with the eval fields, one line each, for `main.validate_config`."""
   e = config.eval
-  if e.windows_per_batch is not None:
-    logging.warning("eval.windows_per_batch is deprecated: set eval.windows_per_call=%d",
-                    e.windows_per_batch)
-    e.windows_per_call, e.windows_per_batch = e.windows_per_batch, None
-  if e.multi_scale is not None:
-    run = ("ms_flip",) if e.multi_scale else ("ss",)
-    logging.warning("eval.multi_scale is deprecated: set eval.run=%s", run[0])
-    e.run, e.multi_scale = run, None
   problems = [f"eval.run: {name!r} is not an evaluator (one of {sorted(EVALUATORS)})"
               for name in e.run if name not in EVALUATORS]
   if not e.run:
