@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import ml_collections
-from absl import logging
 from ml_collections import config_dict
 
 from mlseg_jax import data as data_lib
