@@ -27,7 +27,6 @@ import json
 import os
 import pickle
 import re
-import warnings
 import zipfile
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -186,20 +185,6 @@ def from_params(params: Mapping[str, Any], rules: Iterable[Rule]) -> dict:
     raise ConversionError("parameters with no torch name: " +
                           ", ".join("/".join(p) for p in left))
   return out
-
-
-def torch_to_params(*args, **kwargs) -> dict:
-  """Deprecated name of `to_params`, which reads AugReg arrays too."""
-  warnings.warn("mlseg_jax.convert.torch_to_params is deprecated: use to_params",
-                DeprecationWarning, stacklevel=2)
-  return to_params(*args, **kwargs)
-
-
-def params_to_torch(*args, **kwargs) -> dict:
-  """Deprecated name of `from_params`."""
-  warnings.warn("mlseg_jax.convert.params_to_torch is deprecated: use from_params",
-                DeprecationWarning, stacklevel=2)
-  return from_params(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,6 +21,10 @@ from mlseg_jax import configs
 
 EXIT_CODE = 2
 TRACEBACK_ENV = "MLSEG_TRACEBACK"
+# Config fields that were renamed or folded into another, by their successor: an old name
+# is refused like any unknown field, the suggestion naming what replaced it.
+REMOVED_FIELDS = {"model.downsample": "model.pool_grid", "eval.multi_scale": "eval.run",
+                  "eval.windows_per_batch": "eval.windows_per_call"}
 
 
 
@@ -73,19 +77,33 @@ def _key_error(error: BaseException | None) -> KeyError | None:
   return first
 
 
+def _unknown_field(key_error: KeyError, argv) -> str:
+  """"X is not a config field; did you mean Y?" for an override or a config file's
+  assignment to a field the (locked) config does not have."""
+  text = str(key_error.args[0]) if key_error.args else ""
+  first = text.partition("\n")[0]
+  locked = re.match(r'Key "([^"]+)" does not exist', first)  # Set in a config file.
+  key = locked.group(1) if locked else first.strip("'\"")
+  given = next((a.lstrip("-").split("=", 1)[0] for a in argv[1:]
+                if re.fullmatch(rf"--?\w+(\.\w+)*\.{re.escape(key)}(=.*)?", a)), None)
+  if given is None:  # Not on the command line: name a removed field by its full name.
+    given = next((old for old in REMOVED_FIELDS if old.rpartition(".")[2] == key), key)
+  line = f"{given} is not a config field"
+  for old, new in REMOVED_FIELDS.items():
+    if given == old or given.endswith("." + old):
+      return f"{line}; did you mean {given[:-len(old)]}{new}?"
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  if suggestion:
+    parent = given.rpartition(".")[0]
+    line += f"; did you mean {parent + '.' if parent else ''}{suggestion.group(1)}?"
+  return line
+
+
 def describe_flag_error(error: BaseException, argv) -> str:
   """One line for a command line that did not parse."""
   key_error = _key_error(error) if isinstance(error, (AttributeError, KeyError)) else None
   if key_error is not None:
-    text = str(key_error.args[0]) if key_error.args else ""
-    key = text.partition("\n")[0].strip("'\"")
-    given = next((a.lstrip("-").split("=", 1)[0] for a in argv[1:]
-                  if re.fullmatch(rf"--?\w+(\.\w+)*\.{re.escape(key)}(=.*)?", a)), key)
-    line = f"{given} is not a config field"
-    suggestion = re.search(r'Did you mean "([^"]+)"', text)
-    if suggestion:
-      line += f"; did you mean {given.rsplit('.', 1)[0]}.{suggestion.group(1)}?"
-    return line
+    return _unknown_field(key_error, argv)
   text = str(error)
   if "Traceback (most recent call last)" in text:
     # A config file's get_config raised: its own last line says what is wrong.

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO, SHARED_DATA
+from mlseg_jax import errors
 from mlseg_jax.main import validate_config
 from mlseg_jax.models.segmenter import build_model
 from mlseg_jax.models.vit import VARIANTS
@@ -154,14 +155,12 @@ def test_a_paper_row_runs_locally_on_the_ade20k_samples(tmp_path):
   assert results["num_images"] == 2 and len(results["IoU"]) == 150
 
 
-def test_the_deprecated_downsample_field_sets_pool_grid_once():
+def test_the_removed_downsample_field_is_refused_naming_pool_grid():
   c = _load("segmenter_mlseg_vit_b16_512_160k_ade20k")
-  c.model.downsample = 4
-  validate_config(c, num_devices=8)
-  assert c.model.pool_grid == 4 and c.model.downsample is None
-  c.model.pool_grid = 8
-  validate_config(c, num_devices=8)  # Nothing left to move.
-  assert c.model.pool_grid == 8
+  with pytest.raises(AttributeError) as refused:
+    c.model.downsample = 4
+  assert errors.describe_flag_error(refused.value, ["main", "--config.model.downsample=4"]) == (
+      "config.model.downsample is not a config field; did you mean config.model.pool_grid?")
 
 
 @pytest.mark.parametrize("field,value,message", [

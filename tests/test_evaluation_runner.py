@@ -1,5 +1,5 @@
 """Evaluation wiring: the evaluators of a config, the +GT oracle seeing each whole image's
-class set, one trace of the forward per run, params-only restores, deprecated eval fields."""
+class set, one trace of the forward per run, params-only restores, the removed eval fields refused."""
 
 import functools
 import json
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mlseg_jax import errors
 from mlseg_jax import evaluate as evaluate_lib
 from mlseg_jax import evaluation_runner
 from mlseg_jax import evaluators
@@ -147,29 +148,17 @@ def test_eval_restores_the_parameters_alone_and_falls_back_past_a_damaged_step(
     np.testing.assert_array_equal(got[path], step_2[path], err_msg="/".join(path))
 
 
-def _deprecation_warnings(caplog):
-  return [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
-
-
-def test_deprecated_eval_fields_still_work_with_one_warning_each(caplog):
+@pytest.mark.parametrize("old,new", [("multi_scale", "run"),
+                                     ("windows_per_batch", "windows_per_call")])
+def test_removed_eval_fields_are_refused_naming_their_successor(old, new):
   config = _eval_config()
-  validate_config(config, num_devices=1)
-  assert not _deprecation_warnings(caplog)
-  assert config.eval.windows_per_call == 8 and tuple(config.eval.run) == ("ss",)
-
-  config.eval.windows_per_batch = 3
-  config.eval.multi_scale = True
-  validate_config(config, num_devices=1)
-  assert config.eval.windows_per_call == 3 and tuple(config.eval.run) == ("ms_flip",)
-  warnings = _deprecation_warnings(caplog)
-  assert len(warnings) == 2 and not any("\n" in w for w in warnings), warnings
-  assert "eval.windows_per_call=3" in warnings[0] and "eval.run=ms_flip" in warnings[1]
-  validate_config(config, num_devices=1)  # Moved once: no second warning.
-  assert len(_deprecation_warnings(caplog)) == 2
-
-  config.eval.multi_scale = False
-  validate_config(config, num_devices=1)
-  assert tuple(config.eval.run) == ("ss",)
+  with pytest.raises(AttributeError) as refused:
+    setattr(config.eval, old, 3)
+  assert errors.describe_flag_error(refused.value, ["main", f"--config.eval.{old}=3"]) == (
+      f"config.eval.{old} is not a config field; did you mean config.eval.{new}?")
+  # Set in a config file: the same line, on the field's own name.
+  assert errors.describe_flag_error(refused.value, ["main"]) == (
+      f"eval.{old} is not a config field; did you mean eval.{new}?")
 
 
 def test_unknown_evaluators_are_refused():

@@ -45,7 +45,7 @@ def test_quickstart_trains_evaluates_and_predicts(tmp_path):
   _assert_user_error(wrong, "model.backbone_depth: 4 here, 2 in",
                      "model.topk: 5 here, 9 in")
 
-  out = _main(*config, "--mode", "eval", "--config.eval.multi_scale=True",
+  out = _main(*config, "--mode", "eval", "--config.eval.run=ms_flip",
               "--config.eval.scales=(0.75,1.0)")
   results = json.loads((workdir / "eval" / "ms_flip.json").read_text())
   assert 0.0 <= results["mIoU"] <= 1.0 and results["num_images"] == 4
@@ -89,6 +89,9 @@ def test_command_line_mistakes_get_one_clear_line(tmp_path):
   _assert_user_error(_main(*base, "--config.train.batchsize=4", check=False),
                      "error: config.train.batchsize is not a config field; did you mean "
                      "config.train.batch_size?")
+  _assert_user_error(_main(*base, "--config.eval.multi_scale=True", check=False),
+                     "error: config.eval.multi_scale is not a config field; did you mean "
+                     "config.eval.run?")  # A removed field, named by its successor.
   _assert_user_error(_main(*base, "--config.data.crop_size=128", check=False),
                      "data.crop_size=(128,) must be two positive integers (h, w)")
   _assert_user_error(_main("--config", "configs/nothere.py", "--workdir", str(tmp_path),

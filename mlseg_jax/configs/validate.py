@@ -4,7 +4,6 @@
 that are not pairs of positive numbers, counts and intervals below 1, values that do not fit
 together (batch and mesh, crop and patch, k and the class count), and fields that nothing
 reads for the chosen dataset (a `data.mean` on ADE20K would otherwise be silently ignored).
-It also moves deprecated fields onto their successors first.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from mlseg_jax.configs.common import get_base_config
 from mlseg_jax.data import datasets
 from mlseg_jax.evaluators import resolve_eval_config
 from mlseg_jax.models.decoders import decoder_spec
-from mlseg_jax.models.segmenter import abstract_params, resolve_model_config
+from mlseg_jax.models.segmenter import abstract_params
 from mlseg_jax.models.vit import VARIANTS
 from mlseg_jax.tracking import logging_problems
 from mlseg_jax.train import BEST_METRICS
@@ -191,7 +190,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 
   num_devices: the devices training runs on (default: all of JAX's).
   """
-  resolve_model_config(config)  # A deprecated field moved to its name first.
   problems = _shape_problems(config)
   if problems:  # The other checks read these sizes and counts.
     raise errors.ConfigError("invalid config:\n  " + "\n  ".join(problems))

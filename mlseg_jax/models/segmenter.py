@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import logging
 
 from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.models.vit import REMAT_POLICIES, VARIANTS, ViT, grid_mask
@@ -78,18 +77,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.remat_policy = "nothing_saveable"  # What it keeps: a name in vit.REMAT_POLICIES.
   # None: cuDNN's fused kernel on NVIDIA GPUs when computing in bf16/fp16, XLA elsewhere.
   c.attention_impl = ml_collections.config_dict.placeholder(str)  # None, "xla", "cudnn".
-  # Deprecated name of pool_grid (it is a grid size, not a factor), unset unless given.
-  c.downsample = ml_collections.config_dict.placeholder(int)
   return c
-
-
-def resolve_model_config(config: ml_collections.ConfigDict) -> None:
-  """Moves a deprecated model field that was set onto its successor, with a warning (then
-  unsets it, so a second call does nothing)."""
-  m = config.model
-  if m.get("downsample") is not None:
-    logging.warning("model.downsample is deprecated: set model.pool_grid=%d", m.downsample)
-    m.pool_grid, m.downsample = m.downsample, None
 
 
 def resolve_attention_impl(requested: Optional[str], dtype: str) -> str:
