@@ -59,8 +59,7 @@ def default_eval_config() -> ml_collections.ConfigDict:
   # the padding hidden, one compilation per call size; with the others cut at their size
   # rounded up to the patch, one compilation per distinct small size. A multiple of the
   # patch cuts them at that multiple; 0 pads them to the window unmasked, at the price of
-  # the extra zero tokens the backbone attends to (README, "Differences from the
-  # reference").
+  # the extra zero tokens the backbone attends to (docs/differences.md).
   c.small_window_multiple = config_dict.placeholder(int)
   c.split = "val"
   c.max_images = 0  # 0: the whole split.

@@ -15,7 +15,7 @@ The exported function is the forward evaluation calls on each batch of windows
 
 PATH.json beside it says what a deployment needs: the window, the normalisation, the class
 names, the patch size, the decoder, the output names and shapes, and the test scale and
-stride of the sliding window that wraps the window model (README, "Export").
+stride of the sliding window that wraps the window model (docs/export.md).
 
 N is symbolic ("batch") in StableHLO. ONNX: symbolic for Segmenter's heads; jax2onnx 0.12
 cannot trace MLSeg's gating at a symbolic batch (`jnp.full` of the batch's shape), so the

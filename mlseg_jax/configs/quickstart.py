@@ -6,7 +6,7 @@ sliding-window evaluation on the bundled validation images. It exercises every p
 row uses (the pipeline, the MLSeg head and its losses, the sharded step, Orbax checkpoints,
 evaluation).
 
-Tuned for what 32 images and a few minutes can learn (README, "Quickstart", has the table of
+Tuned for what 32 images and a few minutes can learn (docs/quickstart.md has the table of
 what was tried): a model this far from fitting its training images gains from less
 augmentation (no photometric distortion, scales 0.75-1.5 instead of 0.5-2), no dropout, and
 k = 9 of the 11 classes (a CamVid image holds most of them; k = 6 shuts out classes that

@@ -36,7 +36,7 @@ Dtype = Any
 def trunc_normal(stddev=0.02):
   # PyTorch's trunc_normal_ cuts at +-2 (absolute), which is +-100 std at std 0.02: in
   # effect a plain normal. flax's truncated_normal cuts at +-2 std; the difference only
-  # matters for training from scratch and is documented in README.
+  # matters for training from scratch and is documented in docs/differences.md.
   return nn.initializers.truncated_normal(stddev)
 
 
