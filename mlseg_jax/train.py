@@ -1,16 +1,18 @@
 """Training: sharded step, reference recipe, Orbax checkpoints, progress and TensorBoard.
 
-Read top to bottom: state, step, progress, evaluations, the loop (checkpoints are in
-checkpoints.py). The step is one pure function
-jitted with explicit in/out shardings and the state donated; the state is created directly
-in its target sharding (`jax.eval_shape` + jitted init), so nothing ever sits whole on one
-device. Restore order (big_vision's): this workdir's latest checkpoint -> `init_from`
+Read top to bottom: state, step, progress, evaluations, the loop (`train`: set up or
+restore, evaluate a resumed step, the steps, finish; then `_TrainingRun`, what the loop
+calls, the error path among it; checkpoints are in checkpoints.py). The step is one pure
+function jitted with explicit in/out shardings and the state donated; the state is created
+directly in its target sharding (`jax.eval_shape` + jitted init), so nothing ever sits whole
+on one device. Restore order (big_vision's): this workdir's latest checkpoint -> `init_from`
 pretrained weights -> random init.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import logging as python_logging
@@ -420,9 +422,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   workdir = absolute_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  is_main = distributed.is_main_process()
   t = config.train
-  total = t.total_steps
   evaluations = Evaluations(workdir, t.best_metric)
   mngr = checkpoint_manager(workdir, config, keep_step=lambda: evaluations.best_step)
 
@@ -431,114 +431,191 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     # slow (compiling, restoring), so a notice that comes meanwhile still finds one step
     # all of them reach.
     preemption.should_stop(mngr.latest_step() or 0)
-    model, mesh, state, shardings, step_fn = setup(config, mesh)
-    if data_iter is None:
-      data_iter = data_lib.make_train_iterator(config.data, t.batch_size, t.seed)
-    reader = data_iter
-    checkpointable_iter = data_iter if hasattr(data_iter, "get_state") else None
-    to_device = functools.partial(global_batch, mesh=mesh)
-    prefetcher = None
-    if t.prefetch:
-      data_iter = prefetcher = DevicePrefetch(data_iter, to_device, t.prefetch)
-      checkpointable_iter = prefetcher if checkpointable_iter is not None else None
-    else:
-      data_iter = map(to_device, data_iter)  # Lazy: each batch read when the loop asks.
-
-    restored, restored_step = restore_latest(mngr, state, shardings, checkpointable_iter)
-    if restored is not None:
-      state = restored
-      logging.info("resumed from %s at step %d", mngr.directory, restored_step)
-    elif config.init_from:
-      params, kept = pretrained.init_from(jax.device_get(state.params), config.init_from)
-      state = state.replace(params=jax.device_put(params, shardings.params))
-      logging.info("initialised from %s (%d parameters kept their init)", config.init_from,
-                   len(kept))
-    if is_main:
-      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
-    first = int(state.step)
-    if tracker is None:
-      tracker = tracking.open_tracker(config, workdir, job_type="train")
-    progress = Progress(workdir, total, first, t.log_every, t.batch_size, is_main,
-                        tracker=tracker)
-    if config.data.get("on_error", "raise") == "skip" and hasattr(reader, "skipped_records"):
-      # The bad records this process's pipeline left out so far (read-ahead included).
-      progress.counters["skipped_records"] = lambda: reader.skipped_records
-    last_metrics = None
-    saved_at = first if restored is not None else None
-    step = first
-
-    def is_eval_step(s):
-      return evaluate_fn is not None and s > 0 and (s % t.eval_every == 0 or s == total)
-
-    def evaluate(s):
-      logging.info("evaluating step %d", s)
-      scalars = evaluate_fn(state.params, s)
-      progress.write_scalars(s, scalars, prefix="eval")
-      if evaluations.add(s, scalars, epath.Path(mngr.directory)):
-        logging.info("best checkpoint so far: step %d, %s=%.4f (%s/%d)", s,
-                     evaluations.metric, evaluations.score(scalars), mngr.directory, s)
-
+    run = _set_up_or_restore(config, workdir, mngr, evaluations, data_iter, evaluate_fn,
+                             mesh, tracker)
     stopped = False
     try:
-      if restored is not None and is_eval_step(first) and not evaluations.done(first):
-        logging.info("step %d was checkpointed but not evaluated: evaluating it first", first)
-        evaluate(first)
-      if first == total and restored is not None:
-        _finish_train_metrics(workdir, total, None, is_main)
-      while step < total and (stop_after is None or step - first < stop_after):
-        if preemption.should_stop(step):
+      run.catch_up_on_resume()
+      while run.step < t.total_steps and (stop_after is None
+                                          or run.step - run.first < stop_after):
+        if preemption.should_stop(run.step):
           stopped = True
           break
-        batch = next(data_iter)
-        if step == first:
-          n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-          logging.info("train step of %s parameters on %s training records, mesh %s (%d "
-                       "devices: %s; %d processes): %s", f"{n_params:,}",
-                       _count(getattr(reader, "num_records", None)), dict(mesh.shape),
-                       mesh.size, describe_devices(mesh), jax.process_count(),
-                       describe_compiled_step(step_fn, state, batch))
-          distributed.align("first train step")
-        state, metrics = step_fn(state, batch)
-        step += 1
-        logged = progress.update(step, metrics)
-        last_metrics = logged or last_metrics
-        if step == total:
+        run.train_step(next(run.batches))
+        if run.step == t.total_steps:
           # Before the last checkpoint: a run stopped after it still finds this file.
-          _finish_train_metrics(workdir, total, last_metrics, is_main)
-        if step % t.checkpoint_every == 0 or step == total or is_eval_step(step):
-          progress.check_finite(step)
-          save_checkpoint(mngr, state, checkpointable_iter)
-          saved_at = step
-        if is_eval_step(step):
-          evaluate(step)
+          _finish_train_metrics(workdir, t.total_steps, run.last_metrics, run.is_main)
+        if (run.step % t.checkpoint_every == 0 or run.step == t.total_steps
+            or run.is_eval_step(run.step)):
+          run.save()
+        if run.is_eval_step(run.step):
+          run.evaluate(run.step)
     except preemption.Interrupted:
       stopped = True  # A signal during an evaluation: its step's checkpoint is written.
     except BaseException as error:
-      # An error (a bad record, a full disk): keep the work done so far, unless it is a
-      # diverged state.
-      try:
-        if not isinstance(error, NonFiniteLoss) and (
-            saved_at is None or int(state.step) > saved_at):
-          logging.warning("stopped by an error at step %d: saving a checkpoint first",
-                          int(state.step))
-          save_checkpoint(mngr, state, checkpointable_iter, force=True)
-        mngr.wait_until_finished()
-      except Exception as save_error:  # E.g. the failed step had consumed its donated state.
-        logging.error("could not save the interrupted state (%s); the last checkpoint is "
-                      "step %s", save_error, saved_at)
-      _close(prefetcher, progress)
+      run.save_on_error(error)
       raise
-    if saved_at is None or step > saved_at:
-      save_checkpoint(mngr, state, checkpointable_iter, force=True)
-      saved_at = step
+    run.finish()
+  if stopped:
+    raise run.preempted()
+  return run.state, run.last_metrics
+
+
+def _set_up_or_restore(config, workdir, mngr, evaluations, data_iter, evaluate_fn, mesh,
+                       tracker) -> _TrainingRun:
+  """The model, step and input pipeline of `config`; the state restored from this
+  workdir's latest checkpoint, else initialised from `init_from`, else random."""
+  t = config.train
+  is_main = distributed.is_main_process()
+  _, mesh, state, shardings, step_fn = setup(config, mesh)
+  if data_iter is None:
+    data_iter = data_lib.make_train_iterator(config.data, t.batch_size, t.seed)
+  reader = data_iter
+  checkpointable_iter = data_iter if hasattr(data_iter, "get_state") else None
+  to_device = functools.partial(global_batch, mesh=mesh)
+  prefetcher = None
+  if t.prefetch:
+    batches = prefetcher = DevicePrefetch(data_iter, to_device, t.prefetch)
+    checkpointable_iter = prefetcher if checkpointable_iter is not None else None
+  else:
+    batches = map(to_device, data_iter)  # Lazy: each batch read when the loop asks.
+
+  restored, restored_step = restore_latest(mngr, state, shardings, checkpointable_iter)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from %s at step %d", mngr.directory, restored_step)
+  elif config.init_from:
+    params, kept = pretrained.init_from(jax.device_get(state.params), config.init_from)
+    state = state.replace(params=jax.device_put(params, shardings.params))
+    logging.info("initialised from %s (%d parameters kept their init)", config.init_from,
+                 len(kept))
+  if is_main:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  first = int(state.step)
+  if tracker is None:
+    tracker = tracking.open_tracker(config, workdir, job_type="train")
+  progress = Progress(workdir, t.total_steps, first, t.log_every, t.batch_size, is_main,
+                      tracker=tracker)
+  if config.data.get("on_error", "raise") == "skip" and hasattr(reader, "skipped_records"):
+    # The bad records this process's pipeline left out so far (read-ahead included).
+    progress.counters["skipped_records"] = lambda: reader.skipped_records
+  return _TrainingRun(
+      config=config, workdir=workdir, is_main=is_main, mngr=mngr, evaluations=evaluations,
+      evaluate_fn=evaluate_fn, mesh=mesh, step_fn=step_fn, reader=reader, batches=batches,
+      checkpointable_iter=checkpointable_iter, prefetcher=prefetcher, progress=progress,
+      state=state, restored=restored is not None, first=first, step=first,
+      saved_at=first if restored is not None else None)
+
+
+@dataclasses.dataclass
+class _TrainingRun:
+  """What one call of `train` works with, and what its steps change (state, step, the
+  last logged metrics, the step of the last checkpoint)."""
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  is_main: bool
+  mngr: Any  # ocp.CheckpointManager
+  evaluations: Evaluations
+  evaluate_fn: Optional[Callable[[Any, int], dict]]
+  mesh: Any
+  step_fn: Callable
+  reader: Any  # The per-host records' iterator (its counts go into the log).
+  batches: Iterator  # Global device batches.
+  checkpointable_iter: Any  # What is saved with the state for the data to resume, or None.
+  prefetcher: Optional[DevicePrefetch]
+  progress: Progress
+  state: TrainState
+  restored: bool
+  first: int  # The step this call started from.
+  step: int
+  saved_at: Optional[int]
+  last_metrics: Optional[dict] = None
+
+  def is_eval_step(self, s: int) -> bool:
+    t = self.config.train
+    return self.evaluate_fn is not None and s > 0 and (
+        s % t.eval_every == 0 or s == t.total_steps)
+
+  def catch_up_on_resume(self):
+    """A resumed run first evaluates its step if the run before stopped during that
+    evaluation; resumed at `total_steps`, it only checks for train_metrics.json."""
+    if not self.restored:
+      return
+    if self.is_eval_step(self.first) and not self.evaluations.done(self.first):
+      logging.info("step %d was checkpointed but not evaluated: evaluating it first",
+                   self.first)
+      self.evaluate(self.first)
+    if self.first == self.config.train.total_steps:
+      _finish_train_metrics(self.workdir, self.first, None, self.is_main)
+
+  def train_step(self, batch):
+    if self.step == self.first:
+      self._describe_first_step(batch)
+    self.state, metrics = self.step_fn(self.state, batch)
+    self.step += 1
+    self.last_metrics = self.progress.update(self.step, metrics) or self.last_metrics
+
+  def _describe_first_step(self, batch):
+    """Logs the model's size, the data, the mesh and the compiled step's cost; then waits
+    for every process (the step is the first collective)."""
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(self.state.params))
+    logging.info("train step of %s parameters on %s training records, mesh %s (%d "
+                 "devices: %s; %d processes): %s", f"{n_params:,}",
+                 _count(getattr(self.reader, "num_records", None)), dict(self.mesh.shape),
+                 self.mesh.size, describe_devices(self.mesh), jax.process_count(),
+                 describe_compiled_step(self.step_fn, self.state, batch))
+    distributed.align("first train step")
+
+  def save(self):
+    self.progress.check_finite(self.step)
+    save_checkpoint(self.mngr, self.state, self.checkpointable_iter)
+    self.saved_at = self.step
+
+  def evaluate(self, s: int):
+    logging.info("evaluating step %d", s)
+    scalars = self.evaluate_fn(self.state.params, s)
+    self.progress.write_scalars(s, scalars, prefix="eval")
+    if self.evaluations.add(s, scalars, epath.Path(self.mngr.directory)):
+      logging.info("best checkpoint so far: step %d, %s=%.4f (%s/%d)", s,
+                   self.evaluations.metric, self.evaluations.score(scalars),
+                   self.mngr.directory, s)
+
+  def finish(self):
+    """The last step's checkpoint, complete on every process; the pipeline and the
+    progress closed."""
+    if self.saved_at is None or self.step > self.saved_at:
+      save_checkpoint(self.mngr, self.state, self.checkpointable_iter, force=True)
+      self.saved_at = self.step
     # Blocks until the (async) checkpoint is complete on every process. Signals arriving
     # meanwhile only set the flag again.
-    mngr.wait_until_finished()
-    _close(prefetcher, progress)
-  if stopped:
-    raise preemption.Preempted(step, preemption.reason(), f"{mngr.directory}/{step}")
-  return state, last_metrics
+    self.mngr.wait_until_finished()
+    self.close()
+
+  def save_on_error(self, error: BaseException):
+    """An error (a bad record, a full disk): keeps the work done so far, unless it is a
+    diverged state; then closes the pipeline and the progress."""
+    try:
+      if not isinstance(error, NonFiniteLoss) and (
+          self.saved_at is None or int(self.state.step) > self.saved_at):
+        logging.warning("stopped by an error at step %d: saving a checkpoint first",
+                        int(self.state.step))
+        save_checkpoint(self.mngr, self.state, self.checkpointable_iter, force=True)
+      self.mngr.wait_until_finished()
+    except Exception as save_error:  # E.g. the failed step had consumed its donated state.
+      logging.error("could not save the interrupted state (%s); the last checkpoint is "
+                    "step %s", save_error, self.saved_at)
+    self.close()
+
+  def preempted(self) -> preemption.Preempted:
+    """What a run stopped by a signal raises, once its checkpoint is complete."""
+    return preemption.Preempted(self.step, preemption.reason(),
+                                f"{self.mngr.directory}/{self.step}")
+
+  def close(self, timeout: float = 30.0):
+    if self.prefetcher is not None:
+      self.prefetcher.close(timeout)
+    self.progress.close(timeout)
 
 
 def _finish_train_metrics(workdir, step, metrics, is_main):
@@ -553,9 +630,3 @@ def _finish_train_metrics(workdir, step, metrics, is_main):
                     path, step)
     return
   path.write_text(json.dumps(dict(metrics, step=step), indent=2))
-
-
-def _close(prefetcher, progress, timeout: float = 30.0):
-  if prefetcher is not None:
-    prefetcher.close(timeout)
-  progress.close(timeout)
