@@ -2,40 +2,23 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
-from conftest import REPO, SHARED_DATA
-
-TINY = ["--config.model.backbone_depth=2", "--config.data.crop_size=(64,64)",
-        "--config.data.img_scale=(120,90)", "--config.data.test_scale=(120,90)",
-        "--config.eval.stride=(64,64)", "--config.eval.max_images=4",
-        "--config.train.log_every=3", "--config.train.checkpoint_every=3"]
-
-
-def _main(*args, check=True):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  proc = subprocess.run([sys.executable, "-m", "mlseg_jax.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
-  if check:
-    assert proc.returncode == 0, proc.stderr[-4000:]
-  return proc
+from conftest import QUICKSTART_STEPS, REPO, SHARED_DATA, TINY, run_main as _main
 
 
 @pytest.mark.slow
-def test_quickstart_trains_evaluates_and_predicts(tmp_path):
-  workdir = tmp_path / "wd"
-  # Relative, as users type it (the runs start in the repository).
+def test_quickstart_trains_evaluates_and_predicts(trained_quickstart, tmp_path):
+  # Trained as users run it (conftest.trained_quickstart: a relative workdir, the
+  # repository's quickstart config); the evaluations below write into a copy.
+  assert (trained_quickstart.workdir / "checkpoints" / str(QUICKSTART_STEPS)).is_dir()
+  assert (trained_quickstart.workdir / "eval" / f"step_{QUICKSTART_STEPS}_ss.json").is_file()
+  assert list((trained_quickstart.workdir / "tensorboard").iterdir())
+  workdir = trained_quickstart.copy_to(tmp_path / "wd")
   config = ["--config", "configs/quickstart.py", "--workdir", os.path.relpath(workdir, REPO),
             *TINY]
-  _main(*config, "--config.train.total_steps=3", "--config.train.eval_every=3")
-  assert (workdir / "checkpoints" / "3").is_dir()
-  assert (workdir / "eval" / "step_3_ss.json").is_file()
-  assert list((workdir / "tensorboard").iterdir())
 
   # The run's own config when --config is left out; a different model is refused by field.
   out = _main("--mode", "eval", "--workdir", str(workdir))
