@@ -31,6 +31,27 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# The files that take longest on the 2-core CI machine (--durations), longest first: the
+# xdist workers (`--dist loadfile`) are handed these before the rest, so that no long file
+# is left to run alone at the end (xdist's own order, by test count, hands them out last).
+LONGEST_FILES = (
+    "test_preemption.py", "test_train.py", "test_gcs.py", "test_multiprocess.py",
+    "test_preemption_pod.py", "test_main.py", "test_attention.py", "test_bench.py",
+    "test_notebook.py", "test_evaluate.py", "test_eval_reference.py",
+    "test_evaluation_runner.py", "test_segmenter.py", "test_export.py",
+    "test_padded_windows.py", "test_topology.py", "test_compilation.py", "test_launch.py")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # xdist: keep the order made below.
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: files stay whole.
+
+
 def tiny_model_config(decoder="mask_transformer", num_classes=5, **overrides):
   """ViT width 64, depth 2, 4 heads, patch 16, decoder width 64: fast on a CPU."""
   from mlseg_jax.models.segmenter import default_model_config
