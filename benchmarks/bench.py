@@ -13,7 +13,7 @@ One run on whatever accelerator is present (GPU, TPU or the CPU) measures, in th
      (the donated state threaded through), plus the same steps dispatched back to back.
   4. Our backbone alone, forward + backward, the peer's exact workload (with the peer only).
   5. Single-scale evaluation: the jitted forward over a batch of full-size windows (logits
-     upsampled to the window as the reference does), and `mlseg_jax.evaluate.evaluate`'s
+     upsampled to the window as the reference does), and `mlseg_jax.evaluation.runner.evaluate`'s
      whole sliding-window pass over synthetic images of the test scale.
   6. The device's peak: a large matmul in bf16 (and in the model's compute dtype when that
      differs) and a large device-to-device copy, timed back to back, median of several reps.

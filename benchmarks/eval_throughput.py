@@ -9,7 +9,7 @@ multi-scale + flip.
 
 With --config, evaluation runs as `--mode eval` runs it: the config's evaluators ("ss",
 "ms_flip") with its eval settings (windows per call, images per batch, small windows), the
-jitted predict function of `evaluators.make_predict_fn`. Weights do not change the speed, so
+jitted predict function of `evaluation.evaluators.make_predict_fn`. Weights do not change the speed, so
 the model is randomly initialised. --tiny is a 16x16 patch convolution and two 3x3
 convolutions (150 classes), --null a forward that computes nothing (zero logits): both make
 the numbers mostly the pipeline's own cost (image resize, window cutting, putting logits
@@ -52,9 +52,11 @@ from jax.sharding import Mesh  # noqa: E402
 
 from mlseg_jax import IGNORE_LABEL  # noqa: E402
 from mlseg_jax import data as data_lib  # noqa: E402
-from mlseg_jax import evaluate as ev  # noqa: E402
-from mlseg_jax import evaluators as evaluators_lib  # noqa: E402
 from mlseg_jax import sharding as sharding_lib  # noqa: E402
+from mlseg_jax.evaluation import batching  # noqa: E402
+from mlseg_jax.evaluation import evaluators as evaluators_lib  # noqa: E402
+from mlseg_jax.evaluation import geometry  # noqa: E402
+from mlseg_jax.evaluation import runner  # noqa: E402
 from mlseg_jax.models.segmenter import build_model  # noqa: E402
 
 HALF = (127.5, 127.5, 127.5)
@@ -161,7 +163,7 @@ class CompileCounter:
     jax.monitoring.unregister_event_duration_listener(self._on_event)
 
 
-def windows_needed(records: Sequence[dict[str, Any]], settings: ev.EvalSettings) -> int:
+def windows_needed(records: Sequence[dict[str, Any]], settings: geometry.EvalSettings) -> int:
   """Windows of mmseg's grid over every test pass of every image."""
   return sum(p.rows * p.cols for i in range(len(records))
              for p in settings.batch_shape(*records[i]["image"].shape[:2]).passes)
@@ -218,7 +220,7 @@ def config_evaluation(args) -> tuple[dict, Any, Any, str]:
 
 
 def plain_evaluation(args) -> tuple[dict, Any, Any, str]:
-  """--tiny / --null: `evaluate.evaluate` with ADE20K's geometry (or the flags')."""
+  """--tiny / --null: `runner.evaluate` with ADE20K's geometry (or the flags')."""
   num_classes = args.num_classes
   predict = (tiny_logits_fn if args.tiny else null_logits_fn)(num_classes)
   forward = CountingForward(lambda params, x: predict(x))
@@ -227,20 +229,20 @@ def plain_evaluation(args) -> tuple[dict, Any, Any, str]:
   stride = (args.stride,) * 2 if args.stride else crop
   records = RandomRecords(parse_sizes(args.sizes, args.images), num_classes)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  common = dict(num_classes=num_classes, mesh=mesh,
-                images_per_batch=args.images_per_batch or 2,
-                windows_per_call=args.windows_per_call or 8,
-                min_windows_per_call=args.min_windows_per_call or 1)
-  geometry = dict(mean=HALF, std=HALF, test_scale=test_scale, crop=crop, stride=stride)
-  settings = {"ss": ev.EvalSettings(**geometry),
-              "ms": ev.EvalSettings(**geometry, ratios=ev.MS_RATIOS, flip=True)}
-  runs = {mode: (functools.partial(ev.evaluate, functools.partial(forward, None), records,
+  options = batching.Batching(images_per_batch=args.images_per_batch or 2,
+                              windows_per_call=args.windows_per_call or 8,
+                              min_windows_per_call=args.min_windows_per_call or 1)
+  common = dict(num_classes=num_classes, mesh=mesh, batching=options)
+  shapes = dict(mean=HALF, std=HALF, test_scale=test_scale, crop=crop, stride=stride)
+  settings = {"ss": geometry.EvalSettings(**shapes),
+              "ms": geometry.EvalSettings(**shapes, ratios=geometry.MS_RATIOS, flip=True)}
+  runs = {mode: (functools.partial(runner.evaluate, functools.partial(forward, None), records,
                                    settings[mode], **common), settings[mode])
           for mode in args.modes.split(",")}
   describe = (f"model: {'tiny random' if args.tiny else 'null (zero logits)'}; "
               f"{len(records)} random images of sizes {args.sizes}; crop {crop}, stride "
-              f"{stride}, test scale {test_scale}; {common['min_windows_per_call']}-"
-              f"{common['windows_per_call']} windows per call, {common['images_per_batch']} "
+              f"{stride}, test scale {test_scale}; {options.min_windows_per_call}-"
+              f"{options.windows_per_call} windows per call, {options.images_per_batch} "
               "images per batch")
   return runs, forward, records, describe
 

@@ -23,9 +23,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from benchmarks.flops import backbone_dims
 from mlseg_jax import IGNORE_LABEL
-from mlseg_jax import evaluate as evaluate_lib
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax import train as train_lib
+from mlseg_jax.evaluation import batching
+from mlseg_jax.evaluation import geometry
+from mlseg_jax.evaluation import runner
 from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.resize import upsample_logits
 
@@ -381,7 +383,7 @@ def bench_eval_forward(model, params, config, batch: int, mesh, steps: int,
 
 def bench_sliding_window(model, params, config, windows_per_call: int, num_images: int,
                          reps: int = 2) -> dict:
-  """`mlseg_jax.evaluate.evaluate`, single scale, on synthetic images; images/s."""
+  """`mlseg_jax.evaluation.runner.evaluate`, single scale, on synthetic images; images/s."""
   if decoder_spec(config.model).needs_labels:
     return {"skipped": "the +GT head needs each window's labels; the sliding-window "
                        "entry point feeds images only"}
@@ -401,15 +403,15 @@ def bench_sliding_window(model, params, config, windows_per_call: int, num_image
   d = config.data
   records = synthetic_eval_records(config, num_images)
 
-  settings = evaluate_lib.EvalSettings(
+  settings = geometry.EvalSettings(
       mean=d.mean, std=d.std, test_scale=d.test_scale, crop=d.crop_size,
       stride=config.eval.stride, patch_size=backbone_dims(config.model)[3])
 
   def evaluate():
-    return evaluate_lib.evaluate(
+    return runner.evaluate(
         logits_fn, records, settings, num_classes=config.model.num_classes,
         topk=config.model.topk if mlseg else None, mesh=mesh,
-        windows_per_call=windows_per_call)
+        batching=batching.Batching(windows_per_call=windows_per_call))
 
   t0 = time.perf_counter()
   evaluate()  # Compiles every stage.

@@ -8,8 +8,8 @@ PyPI's libtpu (`pip install "jax[tpu]"`) compiles for a TPU topology with no TPU
 real ones; nothing runs. The programs are the ones a run of the config executes, built by
 the same functions: the training step (`train.make_train_step` over the config's mesh,
 sharding rules, remat and dtype, at `train.batch_size` or `--batch`) and every evaluation
-forward (`evaluators.make_predict_fn`) that the config's evaluators call for images of
-`--sizes`, one per window shape and call size (`evaluate.forward_calls`).
+forward (`evaluation.evaluators.make_predict_fn`) that the config's evaluators call for images of
+`--sizes`, one per window shape and call size (`runner.forward_calls`).
 
 Per program the table gives the compile seconds, GFLOP per chip, HBM per chip (arguments,
 outputs less the donated ones, temporaries, total) against the chip's, the collectives in
@@ -317,7 +317,7 @@ def train_step_program(config, devices, batch: int, chip: Chip) -> Program:
 def eval_settings(config, name: str):
   """The `EvalSettings` evaluator `name` of `config` tests with (no dataset read: the
   normalisation does not change a program)."""
-  from mlseg_jax import evaluators as evaluators_lib
+  from mlseg_jax.evaluation import evaluators as evaluators_lib
 
   class Stats:  # what eval_settings reads of a dataset
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
@@ -327,18 +327,18 @@ def eval_settings(config, name: str):
 
 def eval_calls(config, devices, sizes) -> dict[str, collections.Counter]:
   """{evaluator: {(window_h, window_w, windows per call): calls}} of `config.eval.run`."""
-  from mlseg_jax import evaluate as evaluate_lib
   from mlseg_jax import sharding as sharding_lib
+  from mlseg_jax.evaluation import batching as batching_lib
+  from mlseg_jax.evaluation import runner
 
   mesh = _mesh(config, devices)
   shards = sharding_lib.data_parallel_size(mesh)
   processes = len({d.process_index for d in devices})
-  e = config.eval
-  return {name: evaluate_lib.forward_calls(
+  batching = batching_lib.Batching.from_config(config.eval)
+  return {name: runner.forward_calls(
       eval_settings(config, name), sizes, processes=processes,
-      local_shards=shards // processes, images_per_batch=e.images_per_batch,
-      windows_per_call=e.windows_per_call, min_windows_per_call=e.min_windows_per_call)
-      for name in e.run}
+      local_shards=shards // processes, batching=batching)
+      for name in config.eval.run}
 
 
 def eval_programs(config, devices, sizes, chip: Chip) -> tuple[list[Program], dict]:
@@ -348,7 +348,7 @@ def eval_programs(config, devices, sizes, chip: Chip) -> tuple[list[Program], di
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from mlseg_jax import evaluators as evaluators_lib
+  from mlseg_jax.evaluation import evaluators as evaluators_lib
   from mlseg_jax import optimizer as optim_lib
   from mlseg_jax import sharding as sharding_lib
   from mlseg_jax import train

@@ -8,7 +8,7 @@
     out.selected                                 # MLSeg: [(class id, name, score)], best first
     outs = model.predict(["a.jpg", "b.jpg"], multi_scale=True, probabilities=True)
 
-Prediction is `--mode eval`'s and `--mode predict`'s own code (`evaluate.segment` with the
+Prediction is `--mode eval`'s and `--mode predict`'s own code (`evaluation.runner.segment` with the
 evaluators' test passes and jitted forward), so the labels equal the masks `--mode predict`
 writes. Several images are batched through the sliding window together; the forward is
 compiled once per window shape and reused by every later call.
@@ -29,12 +29,14 @@ from etils import epath
 from PIL import Image
 
 from mlseg_jax import errors
-from mlseg_jax import evaluate as evaluate_lib
-from mlseg_jax import evaluators as evaluators_lib
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax.configs import validate
 from mlseg_jax.data import dataset_info
-from mlseg_jax.evaluation_runner import load_params_for_eval
+from mlseg_jax.data.datasets import image_to_rgb
+from mlseg_jax.evaluation import batching as batching_lib
+from mlseg_jax.evaluation import evaluators as evaluators_lib
+from mlseg_jax.evaluation import runner
+from mlseg_jax.evaluation.modes import load_params_for_eval
 from mlseg_jax.models.decoders import decoder_spec
 
 # Images segmented per `segment` call when predicting from an iterator: bounds the host
@@ -121,22 +123,21 @@ class Segmenter:
     evaluator = evaluators_lib.EVALUATORS["ms_flip" if multi_scale else "ss"]
     settings = evaluator.eval_settings(self.config, self.dataset)
     logits_fn = functools.partial(self._forward, self.params)
-    e = self.config.eval
+    batching = batching_lib.Batching.from_config(self.config.eval)
     images = iter(images)
     while chunk := list(itertools.islice(images, CHUNK)):
       records = [{"image": _as_rgb(image, i), "name": str(i)} for i, image in enumerate(chunk)]
       results = {}
-      for batch in evaluate_lib.segment(
+      for batch in runner.segment(
           logits_fn, records, settings, num_classes=self.config.model.num_classes,
           topk=self.topk, mesh=self.mesh, data_axis=sharding_lib.BATCH_AXES,
-          images_per_batch=e.images_per_batch, windows_per_call=e.windows_per_call,
-          min_windows_per_call=e.min_windows_per_call, with_labels=False,
-          keep_predictions=True, keep_scores=probabilities):
+          batching=batching, with_labels=False, keep_predictions=True,
+          keep_scores=probabilities):
         for r in batch.images:
           results[r.index] = self._prediction(r, len(settings.passes), probabilities)
       yield from (results[i] for i in range(len(records)))
 
-  def _prediction(self, r: evaluate_lib.ImageResult, n_passes: int,
+  def _prediction(self, r: runner.ImageResult, n_passes: int,
                   probabilities: bool) -> Prediction:
     names = tuple(self.dataset.class_names)
     out = Prediction(labels=r.prediction.astype(np.int32), class_names=names)
@@ -171,11 +172,13 @@ def _as_rgb(image, index: int) -> np.ndarray:
       raise FileNotFoundError(f"no image file {path}")
     try:
       with Image.open(io.BytesIO(path.read_bytes())) as im:
-        return np.asarray(im.convert("RGB"), np.uint8)
+        return image_to_rgb(im, str(path))
+    except errors.DataError:
+      raise
     except (OSError, ValueError) as e:
       raise errors.DataError(f"{path}: cannot read the image ({e})") from None
   if isinstance(image, Image.Image):
-    return np.asarray(image.convert("RGB"), np.uint8)
+    return image_to_rgb(image, f"image {index}")
   array = np.asarray(image)
   if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
     raise errors.DataError(f"image {index}: expected an (H, W, 3) uint8 RGB array, got "

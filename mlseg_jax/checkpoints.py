@@ -1,6 +1,7 @@
 """Orbax checkpoints of training: the manager (the last N steps and the best one), save and
 restore onto any mesh and any number of processes (the whole state to resume, the parameters
-alone to evaluate), and the fall-back past a checkpoint that does not read back.
+alone to evaluate), the fall-back past a checkpoint that does not read back, and what is left
+of a save that failed (a full disk): its error, and its partial step cleared away.
 
 A step's checkpoint holds `state` (the TrainState: params, optimizer state, step, RNG)
 and, when the input pipeline is a Grain iterator, `data` (its position).
@@ -28,11 +29,13 @@ from etils import epath
 from mlseg_jax import data as data_lib
 from mlseg_jax import distributed
 from mlseg_jax import errors
-from mlseg_jax import metrics as metrics_lib
+from mlseg_jax.evaluation import metrics as metrics_lib
 from mlseg_jax.paths import absolute_path
 
 
 DAMAGED_DIR = "damaged_checkpoints"  # Checkpoints that did not read back, kept for a look.
+# Where Orbax writes a step before it is complete (renamed to STEP when it is).
+PARTIAL_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 class _KeepStep:
@@ -57,7 +60,13 @@ def checkpoint_manager(workdir, config, keep_step: Optional[Callable[[], Optiona
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=config.train.async_checkpoints,
       create=True)
-  return ocp.CheckpointManager(absolute_path(workdir) / "checkpoints", options=options)
+  # A save that fails is reported once, by `save_error`'s caller: not by every thread of
+  # Orbax's with its traceback, nor by each of TensorStore's abandoned writes.
+  _drop_abandoned_io_errors()
+  _quiet_failed_saves()
+  directory = absolute_path(workdir) / "checkpoints"
+  with errors.writing(directory):
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def with_shardings(abstract, shardings):
@@ -71,6 +80,36 @@ def save_checkpoint(mngr, state, data_iter=None, *, force=False):
   if data_iter is not None:
     items["data"] = data_lib.checkpoint_args(data_iter)
   return mngr.save(int(state.step), args=ocp.args.Composite(**items), force=force)
+
+
+def save_error(mngr, wait: bool = False) -> Optional[Exception]:
+  """The error of the last save, once it has ended: None while it is still being written
+  in the background (unless `wait`), when it succeeded, or when this was asked before.
+  A save that failed is not in `mngr.all_steps()` (Orbax dropped it); its partial files
+  are, until `discard_failed_save`."""
+  if not wait and mngr.is_saving_in_progress():
+    return None
+  try:
+    mngr.wait_until_finished()  # Ended: returns at once, or raises how it failed.
+  except Exception as e:  # noqa: BLE001  (the caller reports it, whatever it is)
+    return e
+  return None
+
+
+def discard_failed_save(mngr, step: int) -> None:
+  """Clears away what a failed save of `step` left: Orbax's partial directory is deleted
+  (on a full disk its space is what the next save needs), and a step directory that got
+  its final name is moved to WORKDIR/damaged_checkpoints, as `restore_latest` moves one
+  that does not read back. The latest complete step is then what a resume finds."""
+  directory = epath.Path(mngr.directory)
+  if jax.process_index() == 0:
+    for partial in directory.glob(f"{step}{PARTIAL_SUFFIX}*"):
+      partial.rmtree(missing_ok=True)
+  distributed.sync(f"discard_failed_save_{step}")
+  if (directory / str(step)).exists():
+    _move_aside(mngr, step)
+  gc.collect()  # The failed writes' coroutines, now, rather than at exit.
+  mngr.reload()
 
 
 def check_shapes(mngr, step: int, target, what: str = "state") -> None:
@@ -185,9 +224,9 @@ def _newest_that_reads_back(mngr, read: Callable[[int], object]):
         raise  # Readable, but not this model's: the config is wrong, not the checkpoint.
       except Exception as e:  # noqa: BLE001  (whatever the damage, try the previous step)
         error = e
-        _drop_abandoned_read_errors()
+        _drop_abandoned_io_errors()
         quiet.settle()
-    if not _failed_on_any_process(error is not None):
+    if not failed_on_any_process(error is not None):
       return restored, step
     reason = _one_line(error) if error is not None else "another process could not read it"
     aside = _move_aside(mngr, step)
@@ -197,7 +236,8 @@ def _newest_that_reads_back(mngr, read: Callable[[int], object]):
   return None, None
 
 
-def _failed_on_any_process(failed: bool) -> bool:
+def failed_on_any_process(failed: bool) -> bool:
+  """`failed` of any process (a collective: every process must ask)."""
   return bool(np.any(metrics_lib.process_allgather(np.asarray(failed))))
 
 
@@ -224,10 +264,12 @@ def _move_aside(mngr, step) -> epath.Path:
   return dst
 
 
-def _drop_abandoned_read_errors():
-  """From now on, the reads a failed restore abandoned die quietly: each one's coroutine,
-  whenever it is destroyed, would print its own copy of the failure ("Exception ignored
-  in: <coroutine ...>" and a page of TensorStore spec). The failure itself was reported."""
+def _drop_abandoned_io_errors():
+  """From now on, the reads a failed restore abandoned, and the writes of a failed save, die
+  quietly: each one's coroutine, whenever it is destroyed, would print its own copy of the
+  failure ("Exception ignored in: <coroutine ...>" and a page of TensorStore spec), and
+  each of TensorStore's callbacks that completes after Orbax closed its event loop a
+  traceback. The failure itself is reported once, by the caller."""
   previous = sys.unraisablehook
   if getattr(previous, "_drops_abandoned_reads", False):
     return
@@ -248,6 +290,25 @@ def _drop_abandoned_read_errors():
                           category=RuntimeWarning)
   pylogging.getLogger("asyncio").addFilter(
       lambda record: "exception was never retrieved" not in record.getMessage())
+
+
+def _quiet_failed_saves():
+  """Orbax logs a failed save with its traceback from each of its threads (three or four
+  copies); the training reports it in one line (`save_error`), so Orbax's error records of
+  a filesystem's refusal (a full disk, a read-only folder) are dropped."""
+  logger = pylogging.getLogger("absl")
+  if any(isinstance(f, _FailedSaveRecords) for f in logger.filters):
+    return
+  logger.addFilter(_FailedSaveRecords())
+
+
+class _FailedSaveRecords(pylogging.Filter):
+
+  def filter(self, record):
+    if f"{os.sep}orbax{os.sep}" not in record.pathname or record.levelno < pylogging.ERROR:
+      return True
+    error = record.exc_info[1] if record.exc_info else Exception(record.getMessage())
+    return errors.filesystem_error(error) is None
 
 
 class _TensorstoreTeardownQuiet:

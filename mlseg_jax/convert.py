@@ -444,6 +444,10 @@ def export_torch(directory, output, model_config=None) -> dict:
   dict as numpy arrays.
   """
   torch = import_torch(f"writing {output} (a PyTorch file)")
+  if not epath.Path(directory).is_dir():
+    raise ConversionError(f"{directory} is not a folder written by mlseg_jax.convert or a "
+                          "training run" if epath.Path(directory).exists()
+                          else f"{directory} does not exist")
   info = pretrained.load_info(directory)
   if model_config is None:
     if "model" not in info:

@@ -11,6 +11,8 @@ and exits 0.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import sys
@@ -51,6 +53,80 @@ class UsageError(UserError):
 # Raised by file access on a path the user gave, they are the user's too.
 PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError)
+
+
+class FilesystemError(UserError):
+  """A write the filesystem refused: full, read-only, not a directory, not allowed.
+
+  path: what could not be written; reason: the filesystem's words ("no space left on
+  device"); `errno` is the OSError's."""
+
+  def __init__(self, message: str, *, code: int, path=None, reason: str = ""):
+    super().__init__(message)
+    self.errno, self.path, self.reason = code, path, reason
+
+  def __str__(self):
+    return self.args[0]
+
+
+# The refusals of a filesystem that are the user's to fix (free space, a writable folder),
+# in the words of strerror.
+FILESYSTEM_ERRNOS = {errno.ENOSPC: "no space left on device",
+                     errno.EDQUOT: "disk quota exceeded",
+                     errno.EROFS: "read-only file system",
+                     errno.ENOTDIR: "not a directory",
+                     errno.EACCES: "permission denied"}
+# TensorStore (Orbax's writes) reports the OS error inside a ValueError's text.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
+_TENSORSTORE_PATH = re.compile(
+    r'(?:Failed writing|Error writing local file|local file): "([^"]+)"')
+
+
+def filesystem_error(error: BaseException, *, what: str | None = None,
+                     path=None) -> FilesystemError | None:
+  """The one-line FilesystemError of `error` when it, or an error it came from, is a
+  filesystem's refusal in FILESYSTEM_ERRNOS (an OSError, or TensorStore's text of one);
+  else None.
+
+  The line is "WHAT: REASON" with `what` given ("checkpoint step 4 could not be written
+  to DIR/4"), else "PATH: REASON", PATH being the file the error names, else `path`."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, FilesystemError):
+      return error
+    code, where = None, None
+    if isinstance(error, OSError) and error.errno in FILESYSTEM_ERRNOS:
+      code, where = error.errno, error.filename
+    else:
+      match = _TENSORSTORE_ERRNO.search(str(error))
+      if match and int(match.group(1)) in FILESYSTEM_ERRNOS:
+        code = int(match.group(1))
+        named = _TENSORSTORE_PATH.search(str(error))
+        where = named.group(1) if named else None
+    if code is not None:
+      reason = FILESYSTEM_ERRNOS[code]
+      where = where if where is not None else path
+      subject = what or (os.fspath(where) if where is not None else None)
+      message = f"{subject}: {reason}" if subject else reason
+      return FilesystemError(message, code=code, path=where, reason=reason)
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def writing(path, what: str | None = None):
+  """Within: a write the filesystem refuses raises `filesystem_error`'s one line, naming
+  `path` where the error names no file (a write that fails for want of space does not)."""
+  try:
+    yield
+  except FilesystemError:
+    raise
+  except Exception as e:
+    translated = filesystem_error(e, what=what, path=path)
+    if translated is None:
+      raise
+    raise translated from e
 
 
 def _wants_traceback(argv) -> bool:
@@ -112,6 +188,11 @@ def describe_flag_error(error: BaseException, argv) -> str:
     last = re.sub(r"^\w+(Error|Exception): ", "", last)
     return f"{flag.group(1)}: {last}" if flag else last
   message = " ".join(text.split())
+  override = re.match(r"Unknown command line flag '(config\.[^']+)'", message)
+  if override and not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+    return (f"--{override.group(1)} overrides a field of --config, and there is no --config: "
+            "pass --config (eval and predict with a --workdir of a run take its config.json "
+            "and its overrides without one)")
   if isinstance(error, (flags.Error, _ConfigFileError)):
     return message
   return f"{type(error).__name__}: {message}"
@@ -172,8 +253,9 @@ def run(main: Callable, *, module: str | None = None, argv=None) -> NoReturn:
 
   try:
     app.run(main, argv=argv, flags_parser=parse)
-  except (UserError, *PATH_ERRORS) as e:
-    if show:
+  except Exception as e:
+    translated = filesystem_error(e)  # A full or read-only disk, wherever it was met.
+    if show or not (translated or isinstance(e, (UserError, *PATH_ERRORS))):
       raise
-    fail(str(e))
+    fail(str(translated or e))
   raise AssertionError("app.run returned")  # It always exits.

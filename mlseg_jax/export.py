@@ -6,7 +6,7 @@ r"""The model's fixed-window forward as a file that runs without this code: Stab
         --format onnx --window 512 --output model.onnx
 
 The exported function is the forward evaluation calls on each batch of windows
-(`evaluators.make_predict_fn`), with the weights inside the file as constants:
+(`evaluation.evaluators.make_predict_fn`), with the weights inside the file as constants:
 
   windows       (N, window_h, window_w, 3) float32, RGB normalised as (pixel - mean) / std
   -> logits     (N, window_h / patch, window_w / patch, n_cls) float32 on the patch grid;
@@ -46,6 +46,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from mlseg_jax import errors
+from mlseg_jax.paths import absolute_path, writable_directory
 
 FORMATS = ("stablehlo", "onnx")
 INPUT_NAME = "windows"
@@ -97,7 +98,7 @@ def load_params(config, workdir):
   import jax
 
   from mlseg_jax import sharding as sharding_lib
-  from mlseg_jax.evaluation_runner import load_params_for_eval
+  from mlseg_jax.evaluation.modes import load_params_for_eval
 
   mesh = sharding_lib.make_mesh(config.mesh, devices=jax.local_devices()[:1])
   params, source = load_params_for_eval(config, workdir, mesh)
@@ -107,7 +108,7 @@ def load_params(config, workdir):
 def window_forward(model_config, params) -> Callable[[Any], dict]:
   """windows (N, h, w, 3) -> {"logits", ["image_logits"]}: the evaluation's forward with
   `params` as constants."""
-  from mlseg_jax import evaluators
+  from mlseg_jax.evaluation import evaluators
 
   predict = evaluators.make_predict_fn(model_config)
   return lambda windows: predict(params, windows)
@@ -324,6 +325,8 @@ def export(config, workdir, fmt: str, output, *, window: str | Sequence[int] | N
   for path in (output, meta):
     if epath.Path(path).exists() and not overwrite:
       raise errors.UsageError(f"{path} exists; pass --overwrite to replace it")
+  # Its folder is created, as predict's is; a read-only or full one is one line, now.
+  writable_directory(absolute_path(output).parent, "the folder of --output")
   if fmt == "onnx":
     import_onnx_converter()  # Before anything slow.
   config = export_config(config, workdir)
@@ -343,7 +346,8 @@ def export(config, workdir, fmt: str, output, *, window: str | Sequence[int] | N
 
   if fmt == "stablehlo":
     exported = export_stablehlo(forward, window, batch, platforms)
-    epath.Path(output).write_bytes(exported.serialize())
+    with errors.writing(output):
+      epath.Path(output).write_bytes(exported.serialize())
     extra = {"platforms": list(exported.platforms), "jax_version": jax.__version__,
              "call": "jax.export.deserialize(bytes).call(windows) -> {name: array}"}
   else:
@@ -352,13 +356,15 @@ def export(config, workdir, fmt: str, output, *, window: str | Sequence[int] | N
       logging.info("ONNX of a top-k head: fixed batch 1 (jax2onnx cannot trace MLSeg's "
                    "gating at a symbolic batch; --batch N sets another)")
     model = export_onnx(forward, window, batch, names, opset)
-    _write_onnx(model, output)
+    with errors.writing(output):
+      _write_onnx(model, output)
     import jax2onnx
 
     extra = {"opset": opset, "jax2onnx_version": getattr(jax2onnx, "__version__", None)}
   content = sidecar(config, fmt=fmt, window=window, batch=batch, outputs=outputs,
                     source=source, **extra)
-  epath.Path(meta).write_text(json.dumps(content, indent=2) + "\n")
+  with errors.writing(meta):
+    epath.Path(meta).write_text(json.dumps(content, indent=2) + "\n")
   return content
 
 

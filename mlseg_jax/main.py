@@ -12,6 +12,9 @@ Overrides: any config field from the command line, e.g. `--config.train.batch_si
 
 from __future__ import annotations
 
+import os
+import sys
+
 from absl import app, flags, logging
 
 from mlseg_jax import errors
@@ -105,33 +108,75 @@ def _checked_config():
           "" if _MODE.value == "train" else f" (or a --workdir holding {validate.CONFIG_FILE})"))
     logging.info("using the config of the run in %s", where)
     config = saved
+  elif config_flags.get_config_filename(flags.FLAGS["config"]).startswith(_WORKDIR_CONFIG):
+    logging.info("using the config of the run in %s, with the command line's overrides", where)
   validate.validate_config(config)
+  if _MODE.value == "train" and workdir:
+    validate.check_total_steps(config, workdir)
   if saved is not None and config is not saved:
     validate.check_against_workdir(config, saved, where)
   return config
 
 
 def _train(config):
-  from mlseg_jax import evaluation_runner
+  from mlseg_jax import paths
   from mlseg_jax import tracking
   from mlseg_jax import train
+  from mlseg_jax.evaluation import modes
 
+  # A workdir that is a file, read-only or full: one line now, not a traceback later.
+  paths.writable_directory(_WORKDIR.value, "--workdir")
   # One tracker for the training scalars and the periodic evaluations' pictures; training
   # closes it when it ends.
   tracker = tracking.open_tracker(config, _WORKDIR.value, job_type="train")
-  evaluate_fn = evaluation_runner.periodic_eval_fn(config, _WORKDIR.value, tracker=tracker)
+  evaluate_fn = modes.periodic_eval_fn(config, _WORKDIR.value, tracker=tracker)
   train.train(config, _WORKDIR.value, evaluate_fn=evaluate_fn, tracker=tracker)
 
 
 def _evaluate_or_predict(config):
-  from mlseg_jax import evaluation_runner
+  from mlseg_jax import paths
+  from mlseg_jax.evaluation import modes
 
   if _MODE.value == "eval":
-    evaluation_runner.evaluate_checkpoint(config, _WORKDIR.value)
+    if paths.absolute_path(_WORKDIR.value).exists():  # Its results go to WORKDIR/eval.
+      paths.writable_directory(_WORKDIR.value, "--workdir")
+    modes.evaluate_checkpoint(config, _WORKDIR.value)
   else:
     if not _IMAGES.value or not _OUTPUT.value:
       raise errors.UsageError("--mode predict needs --images and --output")
-    evaluation_runner.predict(config, _WORKDIR.value, _IMAGES.value, _OUTPUT.value)
+    modes.predict(config, _WORKDIR.value, _IMAGES.value, _OUTPUT.value)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith(f"--{name}="):
+      return a.split("=", 1)[1]
+    if a == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+# The config file of a workdir's run (configs/workdir.py), for overrides without --config.
+_WORKDIR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                               "workdir.py")
+
+
+def with_workdir_config(argv: list[str]) -> list[str]:
+  """argv, with `--config=configs/workdir.py:WORKDIR` added where eval or predict has
+  overrides (`--config.X=...`) and no `--config`: they apply to the workdir's config, the
+  one eval and predict take without `--config` (absl knows the override flags only of a
+  `--config` it is given)."""
+  has_config = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
+  overrides = any(a.startswith("--config.") for a in argv[1:])
+  workdir = _flag_value(argv, "workdir")
+  if (has_config or not overrides or not workdir
+      or _flag_value(argv, "mode") not in ("eval", "predict")):
+    return argv
+  from etils import epath
+
+  if not (epath.Path(workdir) / "config.json").exists():
+    return argv  # The parse says --config is needed.
+  return [argv[0], f"--config={_WORKDIR_CONFIG}:{workdir}", *argv[1:]]
 
 
 if __name__ == "__main__":
@@ -141,4 +186,4 @@ if __name__ == "__main__":
   from mlseg_jax import preemption  # noqa: E402
 
   preemption.install()
-  errors.run(main)
+  errors.run(main, argv=with_workdir_config(sys.argv))

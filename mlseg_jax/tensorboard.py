@@ -18,15 +18,17 @@ import tempfile
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from mlseg_jax import errors
 from mlseg_jax.paths import is_remote
 
 
 def open_summary_writer(directory: str | os.PathLike) -> SummaryWriter:
   """A tensorboardX SummaryWriter (add_scalar, add_image, ..., flush, close) for `directory`."""
   directory = os.fspath(directory)
-  if not is_remote(directory):
-    return SummaryWriter(directory)
-  return _MirroredSummaryWriter(directory)
+  with errors.writing(directory):  # A read-only or full workdir: one line naming it.
+    if not is_remote(directory):
+      return SummaryWriter(directory)
+    return _MirroredSummaryWriter(directory)
 
 
 class _MirroredSummaryWriter(SummaryWriter):

@@ -70,9 +70,12 @@ class Tracker:
   def scalars(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
     named = {f"{prefix}/{k}" if prefix else k: float(v) for k, v in scalars.items()}
     if self.writer is not None:
-      for k, v in named.items():
-        self.writer.add_scalar(k, v, step)
-      self.writer.flush()
+      def write(writer):
+        for k, v in named.items():
+          writer.add_scalar(k, v, step)
+        writer.flush()
+
+      self._to_writer(write)
     if self.wandb_run is not None:
       self.wandb_run.log(named, step=int(step))
 
@@ -81,9 +84,12 @@ class Tracker:
     if not images:
       return
     if self.writer is not None:
-      for tag, pixels in images.items():
-        self.writer.add_image(tag, np.asarray(pixels, np.uint8), step, dataformats="HWC")
-      self.writer.flush()
+      def write(writer):
+        for tag, pixels in images.items():
+          writer.add_image(tag, np.asarray(pixels, np.uint8), step, dataformats="HWC")
+        writer.flush()
+
+      self._to_writer(write)
     if self.wandb_run is not None:
       import wandb
 
@@ -95,11 +101,45 @@ class Tracker:
     from mlseg_jax import preemption
 
     if self.writer is not None:
-      preemption.call_with_timeout(self.writer.close, timeout, "TensorBoard writer")
+      if not preemption.call_with_timeout(self.writer.close, timeout, "TensorBoard writer"):
+        _give_up(self.writer)
       self.writer = None
     if self.wandb_run is not None:
       preemption.call_with_timeout(self.wandb_run.finish, timeout, "W&B run")
       self.wandb_run = None
+
+  def _to_writer(self, write) -> None:
+    """write(writer), where a full or read-only disk is one line naming the event folder;
+    the writer is then given up (else its thread and its exit hook retry, each with a
+    traceback)."""
+    try:
+      write(self.writer)
+    except Exception as e:
+      where = getattr(self.writer, "_remote", None) or getattr(self.writer, "logdir", None)
+      translated = errors.filesystem_error(e, path=where)
+      if translated is None:
+        raise
+      _give_up(self.writer)
+      self.writer = None
+      raise translated from e
+
+
+def _give_up(writer) -> None:
+  """Stops a tensorboardX writer whose writes failed, writing nothing more: its event files
+  marked closed (its exit hook would flush them again), its thread ended (at exit it would
+  die with a traceback). tensorboardX has no call for this."""
+  for file_writer in (getattr(writer, "all_writers", None) or {}).values():
+    event_writer = getattr(file_writer, "event_writer", None)
+    if event_writer is None:
+      continue
+    event_writer._closed = True
+    worker = getattr(event_writer, "_worker", None)
+    if worker is not None and worker.is_alive():
+      try:
+        event_writer._event_queue.put_nowait(worker._shutdown_signal)
+        worker.join(timeout=5)
+      except Exception:  # noqa: BLE001  (a full queue: the daemon thread dies with us)
+        pass
 
 
 def open_tracker(config: ml_collections.ConfigDict, workdir, *, job_type: str = "train",

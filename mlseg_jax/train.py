@@ -33,15 +33,18 @@ from tqdm import tqdm
 
 from mlseg_jax import data as data_lib
 from mlseg_jax import distributed
-from mlseg_jax import metrics as metrics_lib
+from mlseg_jax import errors
+from mlseg_jax.evaluation import metrics as metrics_lib
 from mlseg_jax import optimizer as optim_lib
 from mlseg_jax import preemption
 from mlseg_jax import pretrained
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax import tracking
-from mlseg_jax.checkpoints import checkpoint_manager, restore_latest, save_checkpoint
+from mlseg_jax.checkpoints import (checkpoint_manager, discard_failed_save,
+                                   failed_on_any_process, restore_latest, save_checkpoint,
+                                   save_error)
 from mlseg_jax.data.pipeline import DevicePrefetch
-from mlseg_jax.paths import absolute_path
+from mlseg_jax.paths import writable_directory
 from mlseg_jax.models.decoders import compute_losses
 from mlseg_jax.models.segmenter import abstract_params, build_model
 from mlseg_jax.tensorboard import open_summary_writer
@@ -379,7 +382,8 @@ class Evaluations:
                       "score": self.score(self.scalars[self.best_step]),
                       "checkpoint": os.fspath(checkpoints / str(self.best_step))}
     if distributed.is_main_process():
-      self.path.write_text(json.dumps(data, indent=2) + "\n")
+      with errors.writing(self.path):
+        self.path.write_text(json.dumps(data, indent=2) + "\n")
     return self.best_step == step and previous != step
 
 
@@ -419,9 +423,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   `preemption.Preempted`; rerunning resumes it. A run resumed at a step whose evaluation
   never finished runs it first; one resumed at `total_steps` only finishes what the end of
   training does.
+
+  A checkpoint that cannot be written (a full disk, a read-only folder), synchronous or
+  written in the background, stops the run before its next step with
+  `errors.FilesystemError` naming the step, the cause and the last complete checkpoint,
+  which is left intact for a rerun to resume from (the failed step's partial files are
+  cleared away).
   """
-  workdir = absolute_path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = writable_directory(workdir, "workdir")
   t = config.train
   evaluations = Evaluations(workdir, t.best_metric)
   mngr = checkpoint_manager(workdir, config, keep_step=lambda: evaluations.best_step)
@@ -441,6 +450,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         if preemption.should_stop(run.step):
           stopped = True
           break
+        run.check_saves()  # Never a step after a checkpoint that failed.
         run.train_step(next(run.batches))
         if run.step == t.total_steps:
           # Before the last checkpoint: a run stopped after it still finds this file.
@@ -490,7 +500,8 @@ def _set_up_or_restore(config, workdir, mngr, evaluations, data_iter, evaluate_f
     logging.info("initialised from %s (%d parameters kept their init)", config.init_from,
                  len(kept))
   if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    with errors.writing(workdir / "config.json"):
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   first = int(state.step)
   if tracker is None:
@@ -511,7 +522,7 @@ def _set_up_or_restore(config, workdir, mngr, evaluations, data_iter, evaluate_f
 @dataclasses.dataclass
 class _TrainingRun:
   """What one call of `train` works with, and what its steps change (state, step, the
-  last logged metrics, the step of the last checkpoint)."""
+  last logged metrics, the step of the last checkpoint and of the one being written)."""
   config: ml_collections.ConfigDict
   workdir: epath.Path
   is_main: bool
@@ -529,8 +540,9 @@ class _TrainingRun:
   restored: bool
   first: int  # The step this call started from.
   step: int
-  saved_at: Optional[int]
+  saved_at: Optional[int]  # The step of the last save started.
   last_metrics: Optional[dict] = None
+  saving: Optional[int] = None  # The step of a save not yet known to be complete.
 
   def is_eval_step(self, s: int) -> bool:
     t = self.config.train
@@ -569,12 +581,69 @@ class _TrainingRun:
 
   def save(self):
     self.progress.check_finite(self.step)
-    save_checkpoint(self.mngr, self.state, self.checkpointable_iter)
-    self.saved_at = self.step
+    self._start_save()
+
+  def _start_save(self, force: bool = False):
+    self.wait_for_save()  # Orbax waits for the previous save anyway: its failure is its own.
+    step = int(self.state.step)
+    try:
+      save_checkpoint(self.mngr, self.state, self.checkpointable_iter, force=force)
+    except Exception as e:  # A synchronous save, or the start of one, that failed.
+      self._save_failed(step, e)
+    self.saving = self.saved_at = step
+
+  def check_saves(self):
+    """Before each step: a save that failed in the background (a full disk) stops the run
+    here, at the last complete checkpoint. One process checks at every step (a look at a
+    flag); several check together at the log steps (a collective: the same step on all)."""
+    if self.saving is None:
+      return
+    if jax.process_count() == 1:
+      error = save_error(self.mngr)
+      if error is None and not self.mngr.is_saving_in_progress():
+        self.saving = None
+    else:
+      if self.step % self.config.train.log_every:
+        return
+      error = save_error(self.mngr)
+      if not failed_on_any_process(error is not None):
+        return
+      error = error or save_error(self.mngr, wait=True) or errors.CheckpointError(
+          f"another process could not write checkpoint step {self.saving}")
+    if error is not None:
+      self._save_failed(self.saving, error)
+
+  def wait_for_save(self):
+    """Blocks until the save in flight is complete; raises as `check_saves` if it failed."""
+    if self.saving is not None:
+      error = save_error(self.mngr, wait=True)
+      if error is not None:
+        self._save_failed(self.saving, error)
+      self.saving = None
+
+  def _save_failed(self, step: int, error: Exception):
+    """Clears away the partial checkpoint of `step` and raises `error`, in one line naming
+    the step, the cause and the last complete checkpoint where it is a filesystem's
+    refusal (else as it is: a bug keeps its traceback)."""
+    self.saving = None
+    discard_failed_save(self.mngr, step)
+    translated = errors.filesystem_error(
+        error, what=f"checkpoint step {step} could not be written to "
+        f"{self.mngr.directory}/{step}")
+    if translated is None:
+      raise error
+    latest = self.mngr.latest_step()
+    kept = (f"the last complete checkpoint is step {latest} ({self.mngr.directory}/{latest}), "
+            "where a rerun resumes") if latest is not None else (
+            "no checkpoint is complete: a rerun starts from the beginning")
+    raise errors.FilesystemError(
+        f"{translated}; training stopped at step {self.step}, {kept}",
+        code=translated.errno, path=translated.path, reason=translated.reason) from error
 
   def evaluate(self, s: int):
     logging.info("evaluating step %d", s)
-    scalars = self.evaluate_fn(self.state.params, s)
+    with errors.writing(self.workdir / "eval"):  # Where its results go.
+      scalars = self.evaluate_fn(self.state.params, s)
     self.progress.write_scalars(s, scalars, prefix="eval")
     if self.evaluations.add(s, scalars, epath.Path(self.mngr.directory)):
       logging.info("best checkpoint so far: step %d, %s=%.4f (%s/%d)", s,
@@ -584,27 +653,30 @@ class _TrainingRun:
   def finish(self):
     """The last step's checkpoint, complete on every process; the pipeline and the
     progress closed."""
-    if self.saved_at is None or self.step > self.saved_at:
-      save_checkpoint(self.mngr, self.state, self.checkpointable_iter, force=True)
-      self.saved_at = self.step
-    # Blocks until the (async) checkpoint is complete on every process. Signals arriving
-    # meanwhile only set the flag again.
-    self.mngr.wait_until_finished()
-    self.close()
+    try:
+      if self.saved_at is None or self.step > self.saved_at:
+        self._start_save(force=True)
+      # Blocks until the (async) checkpoint is complete on every process. Signals arriving
+      # meanwhile only set the flag again.
+      self.wait_for_save()
+    finally:
+      self.close()
 
   def save_on_error(self, error: BaseException):
-    """An error (a bad record, a full disk): keeps the work done so far, unless it is a
-    diverged state; then closes the pipeline and the progress."""
+    """An error (a bad record): keeps the work done so far, unless it is a diverged state
+    or the filesystem refused a write (a full disk, a read-only folder: another
+    checkpoint would fail too); then closes the pipeline and the progress."""
     try:
-      if not isinstance(error, NonFiniteLoss) and (
+      if not isinstance(error, (NonFiniteLoss, errors.FilesystemError)) and (
           self.saved_at is None or int(self.state.step) > self.saved_at):
         logging.warning("stopped by an error at step %d: saving a checkpoint first",
                         int(self.state.step))
-        save_checkpoint(self.mngr, self.state, self.checkpointable_iter, force=True)
-      self.mngr.wait_until_finished()
-    except Exception as save_error:  # E.g. the failed step had consumed its donated state.
+        self._start_save(force=True)
+      self.wait_for_save()
+    except Exception as failed:  # E.g. the failed step had consumed its donated state.
       logging.error("could not save the interrupted state (%s); the last checkpoint is "
-                    "step %s", save_error, self.saved_at)
+                    "step %s", errors.filesystem_error(failed) or failed,
+                    self.mngr.latest_step())
     self.close()
 
   def preempted(self) -> preemption.Preempted:

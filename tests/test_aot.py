@@ -15,8 +15,10 @@ import pytest
 from conftest import REPO
 from mlseg_jax import aot
 from mlseg_jax import errors
-from mlseg_jax import evaluate as ev
 from mlseg_jax.configs import quickstart
+from mlseg_jax.evaluation import batching
+from mlseg_jax.evaluation import geometry
+from mlseg_jax.evaluation import runner
 from mlseg_jax.models.segmenter import abstract_params
 
 pytest.importorskip("libtpu")
@@ -98,18 +100,16 @@ def test_every_evaluation_forward_is_compiled_once(quickstart_on_v5e_2x2):
   report, sizes = quickstart_on_v5e_2x2
   forwards = [p for p in report["programs"] if p["name"].startswith("eval forward")]
   config = _tiny_quickstart()
-  expected = ev.forward_calls(
+  expected = runner.forward_calls(
       aot.eval_settings(config, "ss"), sizes, local_shards=4,
-      images_per_batch=config.eval.images_per_batch,
-      windows_per_call=config.eval.windows_per_call,
-      min_windows_per_call=config.eval.min_windows_per_call)
+      batching=batching.Batching.from_config(config.eval))
   assert len(forwards) == len(expected) == report["eval"]["programs"] > 1
   assert sum(p["calls"] for p in forwards) == sum(expected.values())
   assert all(p["fits"] and p["flops"] > 0 and p["arguments"] > 0 for p in forwards)
 
 
 def test_forward_calls_are_the_calls_segment_makes():
-  settings = ev.EvalSettings(mean=(0, 0, 0), std=(1, 1, 1), test_scale=(64, 48),
+  settings = geometry.EvalSettings(mean=(0, 0, 0), std=(1, 1, 1), test_scale=(64, 48),
                              crop=(32, 32), stride=(24, 24), ratios=(0.5, 1.0), flip=True,
                              patch_size=8)
   sizes = [(48, 64), (64, 48), (30, 40), (48, 64), (48, 64), (20, 100), (48, 64)]
@@ -123,9 +123,9 @@ def test_forward_calls_are_the_calls_segment_makes():
   rng = np.random.default_rng(0)
   records = [{"image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
               "label": np.zeros((h, w), np.int32)} for h, w in sizes]
-  options = dict(images_per_batch=2, windows_per_call=4, min_windows_per_call=1)
-  list(ev.segment(logits_fn, records, settings, num_classes=3, **options))
-  expected = ev.forward_calls(settings, sizes, **options)
+  options = dict(batching=batching.Batching(images_per_batch=2, windows_per_call=4))
+  list(runner.segment(logits_fn, records, settings, num_classes=3, **options))
+  expected = runner.forward_calls(settings, sizes, **options)
   assert seen == collections.Counter({(n, h, w): c for (h, w, n), c in expected.items()})
 
 

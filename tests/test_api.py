@@ -5,9 +5,10 @@ import pytest
 from PIL import Image
 
 import mlseg_jax
+from mlseg_jax import errors, train
 from mlseg_jax.data.datasets import QUICKSTART_DATA
-from mlseg_jax import errors, evaluation_runner, train
-from mlseg_jax.predict import colorize
+from mlseg_jax.evaluation import modes
+from mlseg_jax.evaluation.predict import colorize
 from test_train import random_batches, tiny_train_config
 
 IMAGES = sorted((QUICKSTART_DATA / "images" / "val").iterdir())[:3]
@@ -26,7 +27,7 @@ def workdir(tmp_path_factory):
 
 def test_predictions_equal_what_predict_mode_draws(workdir, tmp_path):
   path, config = workdir
-  written = evaluation_runner.predict(config, str(path), [str(p) for p in IMAGES],
+  written = modes.predict(config, str(path), [str(p) for p in IMAGES],
                                       str(tmp_path / "pictures"))
   model = mlseg_jax.Segmenter.from_workdir(path)
   outs = model.predict(IMAGES)

@@ -17,8 +17,11 @@ from PIL import Image
 
 from conftest import SHARED_DATA, tiny_model_config
 from mlseg_jax import IGNORE_LABEL
-from mlseg_jax import evaluate as ev
-from mlseg_jax.evaluators import make_predict_fn
+from mlseg_jax.evaluation import batching
+from mlseg_jax.evaluation import device
+from mlseg_jax.evaluation import geometry
+from mlseg_jax.evaluation import runner
+from mlseg_jax.evaluation.evaluators import make_predict_fn
 from mlseg_jax.models.segmenter import build_model
 
 ADE = SHARED_DATA / "ade20k_samples" / "ADEChallengeData2016"
@@ -67,13 +70,13 @@ def interpolate(x, size):
                        align_corners=False)[0].numpy()
 
 
-def reference_scores(apply, image, label, s: ev.EvalSettings, gt: bool):
+def reference_scores(apply, image, label, s: geometry.EvalSettings, gt: bool):
   """The reference's summed probabilities (C, H, W) of one image, window by window."""
   h, w = image.shape[:2]
   (ch, cw), (sh, sw) = s.crop, s.stride
   total = 0.0
   for scale in s.scales:
-    hs, ws = ev.rescale_size(h, w, scale)  # mmcv.imrescale's size rule
+    hs, ws = geometry.rescale_size(h, w, scale)  # mmcv.imrescale's size rule
     resized = cv2.resize(image, (ws, hs), interpolation=cv2.INTER_LINEAR)
     seg = cv2.resize(label, (ws, hs), interpolation=cv2.INTER_NEAREST)
     # The oracle's histc over [0, C - 1] of the resized label (255 falls outside).
@@ -119,9 +122,9 @@ def tiny_models():
 def assert_reference_predictions(logits_fn, apply, s, gt, topk=None):
   samples = ade_samples()
   got = {}
-  for batch in ev.segment(logits_fn, records_of(samples), s, num_classes=C, gt_classes=gt,
-                          keep_predictions=True, images_per_batch=2, windows_per_call=8,
-                          topk=topk):
+  for batch in runner.segment(logits_fn, records_of(samples), s, num_classes=C, gt_classes=gt,
+                              keep_predictions=True, topk=topk,
+                              batching=batching.Batching(images_per_batch=2)):
     for r in batch.images:
       got[r.name] = r.prediction
   for name, image, label in samples:
@@ -136,7 +139,7 @@ def assert_reference_predictions(logits_fn, apply, s, gt, topk=None):
 @pytest.mark.slow
 def test_single_scale_evaluation_is_the_reference_on_ade20k_samples(tiny_models):
   logits_fn, apply = tiny_models["mask_transformer"]
-  assert_reference_predictions(logits_fn, apply, ev.EvalSettings(**GEOMETRY), gt=False)
+  assert_reference_predictions(logits_fn, apply, geometry.EvalSettings(**GEOMETRY), gt=False)
 
 
 @pytest.mark.slow
@@ -144,7 +147,7 @@ def test_multiscale_flip_evaluation_is_the_reference_on_ade20k_samples(tiny_mode
   """Ratios 0.5 and 0.75 give images smaller than the window: the model runs on them at
   their own size (rounded up to the patch by the ViT's padding), as mmseg does."""
   logits_fn, apply = tiny_models["mask_transformer"]
-  s = ev.EvalSettings(**GEOMETRY, ratios=ev.MS_RATIOS, flip=True)
+  s = geometry.EvalSettings(**GEOMETRY, ratios=geometry.MS_RATIOS, flip=True)
   assert_reference_predictions(logits_fn, apply, s, gt=False)
 
 
@@ -155,7 +158,7 @@ def test_masked_padding_evaluation_is_the_reference_on_ade20k_samples(tiny_model
   hidden from attention and MLSeg's pooling, their position embedding resized to their
   own grid: the reference's predictions from windows of one shape."""
   logits_fn, apply = tiny_models[decoder]
-  s = ev.EvalSettings(**GEOMETRY, ratios=(0.5, 0.75, 1.0), flip=True, masked_padding=True)
+  s = geometry.EvalSettings(**GEOMETRY, ratios=(0.5, 0.75, 1.0), flip=True, masked_padding=True)
   shapes = set()
 
   def recording(windows, **kw):
@@ -174,11 +177,11 @@ def test_gt_oracle_takes_each_scales_resized_label_set(tiny_models):
   (the reference resizes the label with the image before its oracle sees it); at ratio 0.5
   some sample loses a class that the original label has."""
   samples = ade_samples()
-  s = ev.EvalSettings(**GEOMETRY, ratios=(0.5, 1.0), flip=True)
+  s = geometry.EvalSettings(**GEOMETRY, ratios=(0.5, 1.0), flip=True)
   lost = False
   for _, image, label in samples:
     for scale in s.scales:
-      hs, ws = ev.rescale_size(*label.shape, scale)
+      hs, ws = geometry.rescale_size(*label.shape, scale)
       seg = cv2.resize(label, (ws, hs), interpolation=cv2.INTER_NEAREST)
       lost |= set(np.unique(seg)) != set(np.unique(label))
   assert lost  # the test can tell the two class sets apart
@@ -189,6 +192,6 @@ def test_gt_oracle_takes_each_scales_resized_label_set(tiny_models):
 def test_normalisation_is_mmcvs_bit_for_bit():
   levels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
   for mean, std in [(HALF, HALF), ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))]:
-    table = ev.normalise_table(mean, std)
+    table = device.normalise_table(mean, std)
     got = table[np.arange(3), levels.astype(np.int64)]
     np.testing.assert_array_equal(got, mmcv_normalize(levels, mean, std))

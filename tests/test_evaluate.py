@@ -14,9 +14,13 @@ import pytest
 from jax.sharding import Mesh
 
 from mlseg_jax import IGNORE_LABEL
-from mlseg_jax import evaluate as ev
-from mlseg_jax import metrics as metrics_lib
 from mlseg_jax.data.datasets import QUICKSTART_DATA
+from mlseg_jax.evaluation import batching
+from mlseg_jax.evaluation import device
+from mlseg_jax.evaluation import geometry
+from mlseg_jax.evaluation import host
+from mlseg_jax.evaluation import metrics as metrics_lib
+from mlseg_jax.evaluation import runner
 from mlseg_jax.resize import linear_matrix
 
 PATCH = 8
@@ -84,14 +88,14 @@ def np_softmax(x):
   return e / e.sum(-1, keepdims=True)
 
 
-def reference_scores(model, image, s: ev.EvalSettings, topk=None):
+def reference_scores(model, image, s: geometry.EvalSettings, topk=None):
   """What mmseg computes before the argmax, window by window; also MLSeg image outputs."""
   h, w = image.shape[:2]
   (ch, cw), (sh, sw) = s.crop, s.stride
   total, best, chosen = 0.0, None, None
   passes = s.passes
   for scale, flip in passes:
-    hs, ws = ev.rescale_size(h, w, scale)
+    hs, ws = geometry.rescale_size(h, w, scale)
     img = cv2.resize(image, (ws, hs), interpolation=cv2.INTER_LINEAR).astype(np.float64)
     if flip:
       img = img[:, ::-1]
@@ -135,13 +139,13 @@ def settings(**kw):
   base = dict(mean=MEAN, std=STD, test_scale=(64, 32), crop=(32, 32), stride=(32, 32),
               patch_size=PATCH)
   base.update(kw)
-  return ev.EvalSettings(**base)
+  return geometry.EvalSettings(**base)
 
 
 def run(model, records, s, *, labels=True, **kw):
   kw.setdefault("num_classes", C)
   out = []
-  for batch in ev.segment(model, records, s, with_labels=labels, keep_predictions=True,
+  for batch in runner.segment(model, records, s, with_labels=labels, keep_predictions=True,
                           keep_scores=True, **kw):
     out.extend(batch.images)
   return sorted(out, key=lambda r: r.index)
@@ -244,14 +248,14 @@ def test_model_sees_opencv_resized_windows_bit_for_bit(size):
                stride=(24, 24), ratios=(0.5, 0.75, 1.0, 1.3, 1.75), flip=True)
   (record,) = make_records([size], seed=sum(size))
   logits_fn, seen = window_recorder()
-  run(logits_fn, [record], s, images_per_batch=1, windows_per_call=1)
+  run(logits_fn, [record], s, batching=batching.Batching(images_per_batch=1, windows_per_call=1))
   want = []
   for scale, flip in s.passes:
-    hs, ws = ev.rescale_size(*size, scale)
+    hs, ws = geometry.rescale_size(*size, scale)
     img = cv2.resize(record["image"], (ws, hs), interpolation=cv2.INTER_LINEAR)
     img = img[:, ::-1] if flip else img
-    for i in range(ev.num_windows(hs, 32, 24)):
-      for j in range(ev.num_windows(ws, 32, 24)):
+    for i in range(geometry.num_windows(hs, 32, 24)):
+      for j in range(geometry.num_windows(ws, 32, 24)):
         y2, x2 = min(i * 24 + 32, hs), min(j * 24 + 32, ws)
         want.append(img[max(y2 - 32, 0):y2, max(x2 - 32, 0):x2])
   assert len(seen) == len(want)
@@ -271,7 +275,7 @@ def test_batched_sharded_run_matches_per_image_reference_and_confusion():
   records = make_records(sizes, seed=8)
   s = settings(test_scale=(56, 40), crop=(48, 48), stride=(32, 32))
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  got = run(model, records, s, mesh=mesh, images_per_batch=2, windows_per_call=8)
+  got = run(model, records, s, mesh=mesh, batching=batching.Batching(images_per_batch=2))
   assert [r.index for r in got] == list(range(len(sizes)))
   confusion = np.zeros((C, C), np.int64)
   for r, rec in zip(got, records):
@@ -281,8 +285,8 @@ def test_batched_sharded_run_matches_per_image_reference_and_confusion():
     valid = rec["label"] != IGNORE_LABEL
     np.add.at(confusion, (rec["label"][valid], r.prediction[valid]), 1)
   mesh_2d = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "fsdp"))
-  results = ev.evaluate(model, records, s, num_classes=C, mesh=mesh_2d,
-                        data_axis=("data", "fsdp"), images_per_batch=2)
+  results = runner.evaluate(model, records, s, num_classes=C, mesh=mesh_2d,
+                            data_axis=("data", "fsdp"), batching=batching.Batching(images_per_batch=2))
   want = metrics_lib.segmentation_metrics(confusion)
   assert results["labelled_pixels"] == sum((r["label"] >= 0).sum() for r in records)
   for k in ("aAcc", "mIoU", "mAcc"):
@@ -315,20 +319,20 @@ def test_a_call_takes_each_devices_windows_from_its_own_share():
   sharding = NamedSharding(mesh, PartitionSpec("data"))
   layout = (1, 13, 16, 8)  # 1 host, 13 windows padded to 16, 8 devices.
   x = jnp.arange(13 * 2, dtype=jnp.float32).reshape(13, 2)
-  blocks = jax.jit(lambda x: ev._constrain(ev._to_blocks(x, *layout), sharding))(x)
-  np.testing.assert_array_equal(ev._from_blocks(blocks, *layout), x)
+  blocks = jax.jit(lambda x: device._constrain(device.to_blocks(x, *layout), sharding))(x)
+  np.testing.assert_array_equal(device.from_blocks(blocks, *layout), x)
   # Device d's share holds windows d and d + 8.
   assert [np.asarray(s.data)[:, 0].tolist() for s in blocks.addressable_shards][:2] == [
       [0, 16], [2, 18]]
   offset = np.int32(1)  # The second window of every device's share: windows 8 .. 15.
-  chunk = ev._take_chunk(blocks, offset, shards=8, size=1, sharding=sharding)
+  chunk = device.take_chunk(blocks, offset, shards=8, size=1, sharding=sharding)
   np.testing.assert_array_equal(np.asarray(chunk)[:5, 0], x[8:, 0])
-  buffer = ev._put_chunk(jnp.zeros_like(blocks), chunk * 0 + 1, offset, shards=8,
+  buffer = device.put_chunk(jnp.zeros_like(blocks), chunk * 0 + 1, offset, shards=8,
                          sharding=sharding)
-  np.testing.assert_array_equal(np.asarray(ev._from_blocks(buffer, *layout))[:, 0],
+  np.testing.assert_array_equal(np.asarray(device.from_blocks(buffer, *layout))[:, 0],
                                 [0] * 8 + [1] * 5)
-  for hlo in (ev._take_chunk.lower(blocks, offset, shards=8, size=1, sharding=sharding),
-              ev._put_chunk.lower(jnp.zeros_like(blocks), chunk, offset, shards=8,
+  for hlo in (device.take_chunk.lower(blocks, offset, shards=8, size=1, sharding=sharding),
+              device.put_chunk.lower(jnp.zeros_like(blocks), chunk, offset, shards=8,
                                   sharding=sharding)):
     text = hlo.compile().as_text()
     assert not any(op in text for op in ("all-gather", "all-to-all", "all-reduce",
@@ -339,15 +343,15 @@ def test_call_sizes_cover_what_is_left_in_few_static_sizes():
   for largest, unit in [(8, 1), (8, 2), (6, 1), (32, 8), (8, 8)]:
     allowed = {largest} | {unit * 2 ** j for j in range(8) if unit * 2 ** j < largest}
     for n in range(1, 70):
-      sizes = ev.call_sizes(n, largest, unit)
+      sizes = batching.call_sizes(n, largest, unit)
       assert sum(sizes) == -(-n // unit) * unit  # Nothing past the last device's share.
       assert set(sizes) <= allowed and sizes == sorted(sizes, reverse=True)
-  assert ev.call_sizes(6, 8) == [4, 2] and ev.call_sizes(13, 8) == [8, 4, 1]
+  assert batching.call_sizes(6, 8) == [4, 2] and batching.call_sizes(13, 8) == [8, 4, 1]
   # smallest = largest: one size, the last call padded (one compilation per window shape).
-  assert ev.call_sizes(13, 8, 8) == [8, 8] and ev.call_sizes(3, 6, 6) == [6]
-  assert ev.call_sizes(5, 6, 4) == [6] and ev.call_sizes(13, 8, 2) == [8, 4, 2]
-  assert [ev.image_slots(n, 4) for n in range(1, 6)] == [1, 2, 4, 4, 4]
-  assert [ev.image_slots(n, 8, 2) for n in (1, 2, 3, 5)] == [2, 2, 4, 8]
+  assert batching.call_sizes(13, 8, 8) == [8, 8] and batching.call_sizes(3, 6, 6) == [6]
+  assert batching.call_sizes(5, 6, 4) == [6] and batching.call_sizes(13, 8, 2) == [8, 4, 2]
+  assert [batching.image_slots(n, 4) for n in range(1, 6)] == [1, 2, 4, 4, 4]
+  assert [batching.image_slots(n, 8, 2) for n in (1, 2, 3, 5)] == [2, 2, 4, 8]
 
 
 def test_calls_compute_only_the_windows_the_images_have():
@@ -360,7 +364,7 @@ def test_calls_compute_only_the_windows_the_images_have():
   s = settings(test_scale=(96, 48), crop=(32, 32), stride=(24, 24), ratios=(0.5, 1.0, 1.5),
                flip=True)
   logits_fn, calls = counting(model)
-  got = run(logits_fn, records, s, images_per_batch=2, windows_per_call=8)
+  got = run(logits_fn, records, s, batching=batching.Batching(images_per_batch=2))
   assert sum(calls) == windows_needed(records, s)
   assert len(set(calls)) <= 4
   for r, rec in zip(got, records):
@@ -370,7 +374,8 @@ def test_calls_compute_only_the_windows_the_images_have():
   # those needed, and the numbers do not change.
   logits_fn, calls = counting(model)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  sharded = run(logits_fn, records, s, mesh=mesh, images_per_batch=2, windows_per_call=32)
+  sharded = run(logits_fn, records, s, mesh=mesh,
+                batching=batching.Batching(images_per_batch=2, windows_per_call=32))
   assert all(n % 8 == 0 and n <= 32 for n in calls)
   assert set(calls) <= {8, 16, 32}
   assert sum(calls) < windows_needed(records, s) + 8 * len(calls)
@@ -378,8 +383,8 @@ def test_calls_compute_only_the_windows_the_images_have():
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
   # min_windows_per_call = windows_per_call: every call full size, the same numbers.
   logits_fn, calls = counting(model)
-  padded = run(logits_fn, records, s, images_per_batch=2, windows_per_call=8,
-               min_windows_per_call=8)
+  padded = run(logits_fn, records, s, batching=batching.Batching(
+      images_per_batch=2, windows_per_call=8, min_windows_per_call=8))
   assert set(calls) == {8} and sum(calls) > windows_needed(records, s)
   for a, b in zip(got, padded):
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
@@ -399,7 +404,7 @@ def test_mlseg_fill_survives_and_image_outputs_match_reference():
   assert never.any()  # Some class is selected by no window: its logits stay -100.
   np.testing.assert_allclose(got.scores[..., never], -100.0, atol=1e-3)
   assert np.isin(got.prediction, np.flatnonzero(chosen)).all()
-  results = ev.evaluate(model, records, s, num_classes=C, topk=k)
+  results = runner.evaluate(model, records, s, num_classes=C, topk=k)
   hist = np.bincount(records[0]["label"][records[0]["label"] >= 0], minlength=C)
   assert results["multilabel"]["mAP"] == pytest.approx(
       metrics_lib.average_precision(best, hist > 0))
@@ -428,7 +433,7 @@ def test_bad_label_values_name_the_image():
 
 def test_host_split_covers_every_image_once():
   for n, hosts in [(7, 2), (8, 4), (3, 4), (1, 1)]:
-    parts = [ev.host_indices(n, p, hosts) for p in range(hosts)]
+    parts = [host.host_indices(n, p, hosts) for p in range(hosts)]
     assert len({len(p) for p in parts}) == 1
     flat = [i for p in parts for i in p if i is not None]
     assert sorted(flat) == list(range(n))
@@ -457,11 +462,11 @@ def test_batch_stream_runs_the_same_shapes_on_two_simulated_hosts():
   code_len = 2 + 6 * len(s.passes)
   outputs = [None, None]
 
-  def host(p):
-    items = ev.read_ahead(records, ev.host_indices(len(records), p, hosts), threads=2, depth=3)
-    outputs[p] = list(ev.batch_stream(items, shape_of, 3, code_len, allgather_for(p)))
+  def one_host(p):
+    items = host.read_ahead(records, host.host_indices(len(records), p, hosts), threads=2, depth=3)
+    outputs[p] = list(host.batch_stream(items, shape_of, 3, code_len, allgather_for(p)))
 
-  threads = [threading.Thread(target=host, args=(p,)) for p in range(hosts)]
+  threads = [threading.Thread(target=one_host, args=(p,)) for p in range(hosts)]
   for t in threads:
     t.start()
   for t in threads:
@@ -480,7 +485,7 @@ def test_batch_stream_runs_the_same_shapes_on_two_simulated_hosts():
 
 def test_bucket_length_bounds_padding():
   for n in range(1, 5000, 7):
-    b = ev.bucket_length(n)
+    b = geometry.bucket_length(n)
     assert b >= n and (n <= 64 or b <= n * 1.125 + 1)
 
 
@@ -522,12 +527,12 @@ def test_camvid_val_at_real_shapes_matches_reference():
   params = jax.jit(net.init)(jax.random.key(1), jnp.zeros((1, 64, 64, 3)))
   model = jax.jit(lambda x: net.apply(params, x))
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  geometry = dict(test_scale=(2048, 512), crop=(512, 512), stride=(512, 512), patch_size=16)
-  results = ev.evaluate(model, records, settings(**geometry), num_classes=11, mesh=mesh,
-                        images_per_batch=2)
+  shapes = dict(test_scale=(2048, 512), crop=(512, 512), stride=(512, 512), patch_size=16)
+  results = runner.evaluate(model, records, settings(**shapes), num_classes=11, mesh=mesh,
+                            batching=batching.Batching(images_per_batch=2))
   confusion = np.zeros((11, 11), np.int64)
   for rec in records:
-    want, _, _ = reference_scores(model, rec["image"], settings(**geometry))
+    want, _, _ = reference_scores(model, rec["image"], settings(**shapes))
     valid = rec["label"] >= 0
     np.add.at(confusion, (rec["label"][valid], want.argmax(-1)[valid]), 1)
   want = metrics_lib.segmentation_metrics(confusion)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from mlseg_jax import checkpoints, errors, evaluators, export, pretrained, train
+from mlseg_jax import checkpoints, errors, export, pretrained, train
+from mlseg_jax.evaluation import evaluators
 from mlseg_jax.models.segmenter import build_model
 from test_train import tiny_train_config
 

@@ -20,8 +20,9 @@ from etils import epath
 from conftest import REPO, tiny_model_config
 from gcs_server import gcs_bucket  # noqa: F401  (the fixture)
 from test_convert import _assert_trees_equal
+from mlseg_jax import convert, pretrained, train
 from mlseg_jax.data.datasets import QUICKSTART_DATA
-from mlseg_jax import convert, metrics, predict, pretrained, train
+from mlseg_jax.evaluation import metrics, predict
 from mlseg_jax.tensorboard import open_summary_writer
 
 CAMVID = QUICKSTART_DATA

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlseg_jax import IGNORE_LABEL
-from mlseg_jax import metrics as metrics_lib
+from mlseg_jax.evaluation import metrics as metrics_lib
 
 NAMES = ["sky", "road", "car", "tree", "person", "bike"]
 

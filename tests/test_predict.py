@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlseg_jax import evaluate as ev
-from mlseg_jax import predict
+from mlseg_jax.evaluation import geometry
+from mlseg_jax.evaluation import predict
+from mlseg_jax.evaluation import runner
 
 PATCH = 8
 PALETTE = [(200, 10, 10), (10, 200, 10), (10, 10, 200)]
 NAMES = ["red thing", "green thing", "blue thing"]
 GEOMETRY = dict(test_scale=(64, 32), crop=(32, 32), stride=(24, 24), patch_size=PATCH)
-SETTINGS = ev.EvalSettings(mean=(0, 0, 0), std=(1, 1, 1), **GEOMETRY)
+SETTINGS = geometry.EvalSettings(mean=(0, 0, 0), std=(1, 1, 1), **GEOMETRY)
 
 
 def colour_model(topk=None):
@@ -78,7 +79,7 @@ def test_predict_writes_input_sized_palette_masks_and_overlays(image_dir, tmp_pa
   # The mask is exactly the evaluation's prediction, coloured.
   records = [{"image": np.asarray(Image.open(image_dir / "wide.png").convert("RGB")),
               "name": "wide"}]
-  (batch,) = ev.segment(colour_model(), records, SETTINGS, num_classes=3, with_labels=False,
+  (batch,) = runner.segment(colour_model(), records, SETTINGS, num_classes=3, with_labels=False,
                         keep_predictions=True)
   np.testing.assert_array_equal(np.asarray(Image.open(out_dir / "wide_mask.png")),
                                 palette[batch.images[0].prediction])

@@ -207,7 +207,7 @@ def ci_lines() -> list[str]:
 
 PRELOAD = ("jax", "jax.numpy", "flax.linen", "optax", "orbax.checkpoint", "grain", "torch",
            "cv2", "mlseg_jax.configs.common", "mlseg_jax.configs.validate", "mlseg_jax.train",
-           "mlseg_jax.evaluators", "mlseg_jax.evaluation_runner", "mlseg_jax.checkpoints",
+           "mlseg_jax.evaluation.evaluators", "mlseg_jax.evaluation.modes", "mlseg_jax.checkpoints",
            "mlseg_jax.pretrained", "mlseg_jax.sharding")
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mlseg_jax import errors
-from mlseg_jax import evaluation_runner
+from mlseg_jax.evaluation import modes
 from mlseg_jax import tracking
 from mlseg_jax import train
 from mlseg_jax.main import validate_config
@@ -66,7 +66,7 @@ def test_a_training_run_logs_its_scalars_and_evaluation_pictures_to_wandb_offlin
   validate_config(config, num_devices=1)
   workdir = tmp_path / "run"
   tracker = tracking.open_tracker(config, workdir)
-  evaluate_fn = evaluation_runner.periodic_eval_fn(config, workdir, tracker=tracker)
+  evaluate_fn = modes.periodic_eval_fn(config, workdir, tracker=tracker)
   _, last = train.train(config, workdir, data_iter=random_batches(), evaluate_fn=evaluate_fn,
                         tracker=tracker)
 

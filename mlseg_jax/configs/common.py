@@ -15,7 +15,7 @@ import ml_collections
 from mlseg_jax import IGNORE_LABEL
 from mlseg_jax import data as data_lib
 from mlseg_jax.data.datasets import INFOS as DATASET_INFOS
-from mlseg_jax.evaluators import default_eval_config
+from mlseg_jax.evaluation.evaluators import default_eval_config
 from mlseg_jax.models.segmenter import default_model_config
 from mlseg_jax.models.vit import VARIANTS
 from mlseg_jax.optimizer import default_optim_config

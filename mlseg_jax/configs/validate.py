@@ -18,7 +18,7 @@ from etils import epath
 from mlseg_jax import errors
 from mlseg_jax.configs.common import get_base_config
 from mlseg_jax.data import datasets
-from mlseg_jax.evaluators import resolve_eval_config
+from mlseg_jax.evaluation.evaluators import resolve_eval_config
 from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.models.segmenter import abstract_params
 from mlseg_jax.models.vit import VARIANTS
@@ -172,6 +172,52 @@ def _train_problems(config) -> list[str]:
   return []
 
 
+# (field, lowest, highest, whether the lowest itself is allowed): rates and factors of the
+# recipe outside which training runs but diverges or learns backwards without a word. A
+# learning rate of 0 is allowed: it keeps the weights (a check of init_from or the input
+# pipeline).
+RANGES = (("optim.lr", 0.0, None, True), ("optim.min_lr", 0.0, None, True),
+          ("optim.momentum", 0.0, 1.0, True), ("optim.b1", 0.0, 1.0, True),
+          ("optim.b2", 0.0, 1.0, True), ("optim.eps", 0.0, None, False),
+          ("optim.weight_decay", 0.0, None, True), ("optim.power", 0.0, None, True),
+          ("optim.warmup_steps", 0, None, True), ("optim.grad_clip_norm", 0.0, None, True),
+          ("model.img_loss_weight", 0.0, None, True), ("model.gamma_neg", 0.0, None, True),
+          ("model.gamma_pos", 0.0, None, True), ("model.dropout", 0.0, 1.0, True),
+          ("model.drop_path_rate", 0.0, 1.0, True),
+          ("model.decoder_drop_path_rate", 0.0, 1.0, True))
+
+
+def _range_problems(config) -> list[str]:
+  problems = []
+  for name, low, high, low_ok in RANGES:
+    try:
+      value = _get(config, name)
+    except (AttributeError, KeyError):
+      continue  # Not a field of this config.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      problems.append(f"{name}={value!r} must be a number")
+      continue
+    below = value < low or (value == low and not low_ok)
+    if below or (high is not None and value >= high):
+      bound = (f"in [{low:g}, {high:g})" if high is not None
+               else f">= {low:g}" if low_ok else f"> {low:g}")
+      problems.append(f"{name}={value!r} must be {bound}")
+  o = config.optim
+  if o.name not in ("sgd", "adamw"):
+    problems.append(f"optim.name={o.name!r} is not one of ('sgd', 'adamw')")
+  if _is_number(o.lr) and _is_number(o.min_lr) and o.min_lr > o.lr >= 0:
+    problems.append(f"optim.min_lr={o.min_lr!r} is above optim.lr={o.lr!r}: the schedule "
+                    "would raise the rate as training goes on")
+  for key, mult in o.decay_mult:
+    if not _is_number(mult) or mult < 0:
+      problems.append(f"optim.decay_mult: {key!r} has multiplier {mult!r}; it must be >= 0")
+  return problems
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _eval_problems(config) -> list[str]:
   e, d = config.eval, config.data
   problems = []
@@ -183,6 +229,16 @@ def _eval_problems(config) -> list[str]:
     problems.append(f"eval.stride={tuple(e.stride)} is larger than the window "
                     f"data.crop_size={tuple(d.crop_size)}: pixels would be skipped")
   return problems + resolve_eval_config(config)
+
+
+def validate_data_config(config: ml_collections.ConfigDict) -> None:
+  """The checks of `validate_config` that a data tool needs (sizes and the data fields),
+  without the model's or the mesh's."""
+  problems = _shape_problems(config)
+  if not problems:
+    problems = _data_problems(config)
+  if problems:
+    raise errors.ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -197,7 +253,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     num_devices = jax.device_count()
   for check in (_model_problems(config.model), _patch_problems(config),
                 _mesh_problems(config, num_devices), _data_problems(config),
-                _train_problems(config), _eval_problems(config),
+                _train_problems(config), _range_problems(config), _eval_problems(config),
                 logging_problems(config.logging)):
     problems += check
   if problems:
@@ -241,6 +297,20 @@ def workdir_config(workdir) -> ml_collections.ConfigDict | None:
   config = get_base_config()
   _assign(config, values)
   return config
+
+
+def check_total_steps(config: ml_collections.ConfigDict, workdir) -> None:
+  """Refuses `train.total_steps` below the step of the workdir's newest checkpoint: the run
+  would restore it and stop at once, past the end it was given."""
+  directory = epath.Path(workdir) / "checkpoints"
+  steps = ([int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+           if directory.is_dir() else [])
+  total = config.train.total_steps
+  if steps and max(steps) > total:
+    raise errors.ConfigError(
+        f"train.total_steps={total} is below step {max(steps)}, the newest checkpoint in "
+        f"{directory}: pass a total_steps of at least {max(steps)} to resume, or --mode eval "
+        "to evaluate it")
 
 
 def _param_shapes(model_config) -> dict:

@@ -136,6 +136,9 @@ def main(argv: Sequence[str]) -> int:
   if "data" not in config:
     raise errors.ConfigError(f"--config={flags.FLAGS['config'].config_filename} has no "
                              "data fields")
+  from mlseg_jax.configs import validate  # pylint: disable=g-import-not-at-top
+
+  validate.validate_data_config(config)
   splits = SPLITS if flags.FLAGS.split == "both" else (flags.FLAGS.split,)
   # Every split's files listed first: a wrong root or name fails before any long scan.
   found = [(s, datasets.get_dataset(config.data, s, skip_unpaired=True)) for s in splits]

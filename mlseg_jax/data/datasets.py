@@ -186,12 +186,33 @@ def _decode_error(e: Exception, data: bytes) -> str:
   return str(e)
 
 
+# Modes of 16-bit samples: OpenCV (the reference reads with mmcv.imread, cv2.IMREAD_COLOR)
+# keeps their high byte, where PIL's convert("RGB") would saturate them to 255.
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+# 32-bit integer and float samples: OpenCV's reader refuses them, so does the reference.
+_REFUSED = {"I": "32-bit integer", "F": "32-bit float"}
+
+
+def image_to_rgb(im: PIL.Image.Image, source: str) -> np.ndarray:
+  """uint8 (H, W, 3) RGB of a PIL image, as the reference's reader gives its file: grey
+  repeated, alpha dropped, palettes looked up, 16-bit samples shifted right by 8 (16-bit RGB
+  PNGs already open as their high bytes); 32-bit images refused."""
+  if im.mode in _SIXTEEN_BIT:
+    grey = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+  if im.mode in _REFUSED:
+    raise errors.DataError(
+        f"{source}: {_REFUSED[im.mode]} samples (PIL mode {im.mode}) are not an image the "
+        "reference reads (OpenCV refuses them); save it with 8- or 16-bit samples")
+  return np.asarray(im.convert("RGB"), np.uint8)
+
+
 def decode_image(data: bytes, source: str) -> np.ndarray:
-  """Encoded image bytes -> uint8 (H, W, 3) RGB. EXIF orientation is not applied: labels are
-  drawn on the stored pixels."""
+  """Encoded image bytes -> uint8 (H, W, 3) RGB (`image_to_rgb`). EXIF orientation is not
+  applied: labels are drawn on the stored pixels."""
   try:
     with PIL.Image.open(io.BytesIO(data)) as im:
-      return np.asarray(im.convert("RGB"))
+      return image_to_rgb(im, source)
   except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable files.
     raise errors.DataError(f"{source}: cannot read the image ({_decode_error(e, data)})") from e
 

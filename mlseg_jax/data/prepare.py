@@ -57,25 +57,25 @@ def convert_coco_stuff_mat(mat_path: epath.Path) -> np.ndarray:
     with mat_path.open("rb") as f:
       mat = scipy.io.loadmat(f)
   except Exception as e:  # scipy raises several types for unreadable files.
-    raise ValueError(f"{mat_path}: cannot read the .mat file ({e})") from e
+    raise errors.DataError(f"{mat_path}: cannot read the .mat file ({e})") from e
   if "S" not in mat:
-    raise ValueError(f"{mat_path}: no field 'S' (the label map); fields: "
+    raise errors.DataError(f"{mat_path}: no field 'S' (the label map); fields: "
                      f"{sorted(k for k in mat if not k.startswith('__'))}")
   ids = np.asarray(mat["S"])
   if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0:
-    raise ValueError(f"{mat_path}: 'S' must be a 2-D map of non-negative integer COCO ids, got "
+    raise errors.DataError(f"{mat_path}: 'S' must be a 2-D map of non-negative integer COCO ids, got "
                      f"{ids.dtype} {ids.shape}")
   stored = coco_stuff_train_ids()[np.minimum(ids, 65535)]
   if (stored < 0).any():
     bad = np.unique(ids[stored < 0])
-    raise ValueError(f"{mat_path}: COCO ids {bad[:10].tolist()} are not COCO-Stuff classes "
+    raise errors.DataError(f"{mat_path}: COCO ids {bad[:10].tolist()} are not COCO-Stuff classes "
                      f"(0 = unlabeled, 1..{NUM_COCO_IDS} except {COCO_STUFF_UNUSED_IDS})")
   return stored.astype(np.uint8)
 
 
 def _read_list(path: epath.Path) -> list[str]:
   if not path.exists():
-    raise ValueError(f"{path}: image list not found")
+    raise errors.DataError(f"{path}: image list not found")
   return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -96,7 +96,7 @@ def prepare_coco_stuff10k(src: epath.Path, dst: epath.Path) -> dict[str, int]:
     for name in names:
       image = src / "images" / f"{name}.jpg"
       if not image.exists():
-        raise ValueError(f"{image}: listed in imageLists/{list_name}.txt but missing")
+        raise errors.DataError(f"{image}: listed in imageLists/{list_name}.txt but missing")
       stored = convert_coco_stuff_mat(src / "annotations" / f"{name}.mat")
       (dst / "images" / split / image.name).write_bytes(image.read_bytes())
       _save_png(stored, dst / "annotations" / split / f"{name}_labelTrainIds.png")
@@ -128,7 +128,7 @@ def decode_rle(segmentation: dict, source: str) -> np.ndarray:
   48, and from the third run on, as the difference to the run two before.
   """
   if not isinstance(segmentation, dict) or "counts" not in segmentation:
-    raise ValueError(f"{source}: segmentation is not run-length encoded: "
+    raise errors.DataError(f"{source}: segmentation is not run-length encoded: "
                      f"{str(segmentation)[:80]}")
   h, w = segmentation["size"]
   counts = segmentation["counts"]
@@ -149,7 +149,7 @@ def decode_rle(segmentation: dict, source: str) -> np.ndarray:
       runs.append(value)
     counts = runs
   if sum(counts) != h * w:
-    raise ValueError(f"{source}: run lengths add up to {sum(counts)}, not {h}x{w}")
+    raise errors.DataError(f"{source}: run lengths add up to {sum(counts)}, not {h}x{w}")
   bits = np.repeat(np.arange(len(counts)) % 2, counts).astype(bool)
   return bits.reshape(w, h).T
 
@@ -168,7 +168,7 @@ def pascal_context_masks(annotation: dict, phase: str) -> Iterable[tuple[str, np
     for ann in by_image[img["image_id"]]:
       pixels = decode_rle(ann["segmentation"], f"annotation {ann.get('id')} of {img['file_name']}")
       if pixels.shape != mask.shape:
-        raise ValueError(f"annotation {ann.get('id')} of {img['file_name']} is "
+        raise errors.DataError(f"annotation {ann.get('id')} of {img['file_name']} is "
                          f"{pixels.shape}, the image {mask.shape}")
       mask[pixels] = ann["category_id"]
     in_table = mask < len(to_index)
@@ -182,10 +182,10 @@ def prepare_pascal_context(json_path: epath.Path, dst: epath.Path) -> dict[str, 
   try:
     annotation = json.loads(json_path.read_text())
   except (OSError, ValueError) as e:
-    raise ValueError(f"{json_path}: cannot read the json ({e})") from e
+    raise errors.DataError(f"{json_path}: cannot read the json ({e})") from e
   for key in ("images", "annos_segmentation"):
     if key not in annotation:
-      raise ValueError(f"{json_path}: no {key!r} key; is this PASCAL in Detail's "
+      raise errors.DataError(f"{json_path}: no {key!r} key; is this PASCAL in Detail's "
                        "trainval_merged.json?")
   (dst / "SegmentationClassContext").mkdir(parents=True, exist_ok=True)
   (dst / "ImageSets" / "SegmentationContext").mkdir(parents=True, exist_ok=True)
@@ -263,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
 
   src, dst = epath.Path(args.src), epath.Path(args.dst)
+  if not src.exists():
+    raise errors.DataError(f"--src {src} does not exist")
   if args.command == "coco_stuff10k":
     print(prepare_coco_stuff10k(src, dst))
   elif args.command == "pascal_context":

@@ -10,7 +10,7 @@ size, into the output directory:
   <stem>_classes.json  for MLSeg models: the classes the model selected (the union of the
                        windows' top-k) with their image logits and sigmoid scores, best first.
 Prediction is the evaluation's: keep-ratio resize to the test scale, sliding windows,
-optionally multi-scale + flip (see `evaluate.py`). Inputs and output may be local or `gs://`.
+optionally multi-scale + flip (see `runner.py`). Inputs and output may be local or `gs://`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ from absl import logging
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
-from mlseg_jax import evaluate as ev
-from mlseg_jax.data.datasets import IMAGE_SUFFIXES
+from mlseg_jax import errors
+from mlseg_jax.data.datasets import IMAGE_SUFFIXES, image_to_rgb
+from mlseg_jax.evaluation import batching as batching_lib
+from mlseg_jax.evaluation import geometry
+from mlseg_jax.evaluation import runner
 
 
 def find_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[epath.Path]:
@@ -44,8 +47,30 @@ def find_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     else:
       raise FileNotFoundError(f"no such image file or directory: {p}")
   if not found:
-    raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {[str(p) for p in paths]}")
+    raise errors.DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in "
+                           f"{', '.join(str(p) for p in paths)}")
   return found
+
+
+def _resolved(path: str | os.PathLike) -> str:
+  text = os.fspath(path)
+  return text.rstrip("/") if "://" in text else os.path.realpath(text)
+
+
+def check_output(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                 output_dir: str | os.PathLike) -> None:
+  """Refuses an output folder that is an input folder or inside one: the next run over the
+  same inputs would segment this run's pictures as images."""
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  out = _resolved(output_dir)
+  for p in paths:
+    if epath.Path(p).is_dir():
+      folder = _resolved(p)
+      if out == folder or out.startswith(folder + "/"):
+        raise errors.UsageError(
+            f"--output {output_dir} is inside --images {p}: the pictures written there "
+            "would be read as images by the next run; pass another output folder")
 
 
 # A file that does not decode still goes through the sliding window (every process keeps the
@@ -82,7 +107,10 @@ class _ImageFiles:
     try:
       with Image.open(io.BytesIO(path.read_bytes())) as im:
         hw = (im.height, im.width)
-        image = np.asarray(im.convert("RGB"), np.uint8)
+        image = image_to_rgb(im, str(path))
+    except errors.DataError as e:
+      self.failed[i] = str(e)
+      image = np.zeros(hw + (3,), np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
       self.failed[i] = f"{path}: cannot read the image ({e})"
       image = np.zeros(hw + (3,), np.uint8)
@@ -117,15 +145,14 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
 
 def predict_images(logits_fn: Callable[[jax.Array], Any],
                    paths: str | os.PathLike | Sequence[str | os.PathLike],
-                   output_dir: str | os.PathLike, settings: ev.EvalSettings, *,
+                   output_dir: str | os.PathLike, settings: geometry.EvalSettings, *,
                    palette: Sequence[Sequence[int]], class_names: Sequence[str],
                    topk: int | None = None, alpha: float = 0.5, mesh=None,
-                   data_axis: str | Sequence[str] = "data", images_per_batch: int = 1,
-                   windows_per_call: int = 8, min_windows_per_call: int = 1,
-                   ) -> list[dict[str, str]]:
+                   data_axis: str | Sequence[str] = "data",
+                   batching: batching_lib.Batching = batching_lib.ONE_IMAGE) -> list[dict[str, str]]:
   """Writes mask, overlay (and MLSeg classes) for each image; returns the written paths.
 
-  `logits_fn` and `settings` are as for `evaluate.segment`; `topk` (the model's k) is
+  `logits_fn` and `settings` are as for `runner.segment`; `topk` (the model's k) is
   needed for MLSeg models, whose `logits_fn` returns image logits. With several processes,
   each writes the pictures of its share of the images. An image that does not read is
   logged and returned as {"image", "error"}, with nothing written for it.
@@ -134,17 +161,17 @@ def predict_images(logits_fn: Callable[[jax.Array], Any],
   palette = _checked_palette(palette, num_classes)
   if not 0 <= alpha <= 1:
     raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+  check_output(paths, output_dir)
   files = find_images(paths)
   stems = _output_stems(files)
   output_dir = epath.Path(output_dir)
-  output_dir.mkdir(parents=True, exist_ok=True)
+  with errors.writing(output_dir):
+    output_dir.mkdir(parents=True, exist_ok=True)
   records = _ImageFiles(files)
   written = []
-  for batch in ev.segment(logits_fn, records, settings, num_classes=num_classes, topk=topk,
-                          mesh=mesh, data_axis=data_axis, images_per_batch=images_per_batch,
-                          windows_per_call=windows_per_call,
-                          min_windows_per_call=min_windows_per_call, with_labels=False,
-                          keep_predictions=True):
+  for batch in runner.segment(logits_fn, records, settings, num_classes=num_classes,
+                              topk=topk, mesh=mesh, data_axis=data_axis, batching=batching,
+                              with_labels=False, keep_predictions=True):
     for result in batch.images:
       image = records.release(result.index)["image"]
       if result.index in records.failed:
@@ -165,9 +192,13 @@ def predict_images(logits_fn: Callable[[jax.Array], Any],
       if result.image_scores is not None:
         selected = _selected_classes(result, class_names, topk, out["image"])
         out["classes"] = str(output_dir / f"{stem}_classes.json")
-        epath.Path(out["classes"]).write_text(json.dumps(selected, indent=2) + "\n")
-        sections.append((f"selected by the model (top-{topk}), score",
-                         [(palette[c["id"]], f"{c['name']}  {c['score']:.2f}")
+        with errors.writing(out["classes"]):
+          epath.Path(out["classes"]).write_text(json.dumps(selected, indent=2) + "\n")
+        # Each window selects its own top-k: the image is segmented among their union,
+        # which can hold more than k classes. Selected classes' sigmoid scores mostly read
+        # 1.00, so the legend gives the image logit that ranks them.
+        sections.append((f"selected: union of the windows' top-{topk}, image logit",
+                         [(palette[c["id"]], f"{c['name']}  {c['logit']:.1f}")
                           for c in selected["selected"]]))
       out["overlay_legend"] = str(output_dir / f"{stem}_overlay_legend.png")
       _write_png(out["overlay_legend"], with_legend(blended, sections))
@@ -264,10 +295,11 @@ def _checked_palette(palette: Sequence[Sequence[int]], num_classes: int) -> np.n
 def _write_png(path: str | os.PathLike, pixels: np.ndarray) -> None:
   buffer = io.BytesIO()
   Image.fromarray(pixels).save(buffer, format="PNG")
-  epath.Path(path).write_bytes(buffer.getvalue())
+  with errors.writing(path):  # A full or read-only output folder: one line naming it.
+    epath.Path(path).write_bytes(buffer.getvalue())
 
 
-def _selected_classes(result: ev.ImageResult, class_names: Sequence[str], topk: int | None,
+def _selected_classes(result: runner.ImageResult, class_names: Sequence[str], topk: int | None,
                       image_path: str) -> dict[str, Any]:
   ids = np.flatnonzero(result.selected)
   ids = ids[np.argsort(-result.image_scores[ids], kind="stable")]

@@ -7,7 +7,7 @@
 
 Each is built from a predict function and the config, `EVALUATORS[name](predict_fn, config,
 records, dataset, mesh)`; `run(params)` yields (name, value) pairs, the entries of
-`evaluate.evaluate`'s results (aAcc, mIoU, mAcc, IoU, Acc, labelled_pixels, [multilabel],
+`runner.evaluate`'s results (aAcc, mIoU, mAcc, IoU, Acc, labelled_pixels, [multilabel],
 num_images, settings), so `dict(evaluator.run(params))` is the results file's content.
 
 `make_predict_fn` jits the forward once and takes the parameters as an argument, so every
@@ -26,9 +26,11 @@ import ml_collections
 from ml_collections import config_dict
 
 from mlseg_jax import data as data_lib
-from mlseg_jax import evaluate as evaluate_lib
 from mlseg_jax import preemption
 from mlseg_jax import sharding as sharding_lib
+from mlseg_jax.evaluation import batching as batching_lib
+from mlseg_jax.evaluation import geometry
+from mlseg_jax.evaluation import runner
 from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.models.segmenter import build_model
 from mlseg_jax.models.vit import VARIANTS
@@ -134,8 +136,7 @@ class Evaluator:
     self.options = dict(
         num_classes=config.model.num_classes, class_names=dataset.class_names,
         topk=config.model.topk if spec.selects_topk else None, mesh=mesh,
-        data_axis=sharding_lib.BATCH_AXES, images_per_batch=e.images_per_batch,
-        windows_per_call=e.windows_per_call, min_windows_per_call=e.min_windows_per_call,
+        data_axis=sharding_lib.BATCH_AXES, batching=batching_lib.Batching.from_config(e),
         gt_classes=spec.needs_labels)
 
   @staticmethod
@@ -145,10 +146,10 @@ class Evaluator:
 
   @classmethod
   def eval_settings(cls, config: ml_collections.ConfigDict,
-                    dataset) -> evaluate_lib.EvalSettings:
+                    dataset) -> geometry.EvalSettings:
     """How this evaluator tests an image; `dataset` gives the normalisation."""
     e = config.eval
-    return evaluate_lib.EvalSettings(
+    return geometry.EvalSettings(
         mean=dataset.mean, std=dataset.std, test_scale=tuple(config.data.test_scale),
         crop=tuple(config.data.crop_size), stride=tuple(e.stride),
         patch_size=VARIANTS[config.model.backbone][3],
@@ -160,7 +161,7 @@ class Evaluator:
 
   def run(self, params) -> Iterator[tuple[str, Any]]:
     predict = stops_on_signal(functools.partial(self.predict_fn, params))
-    results = evaluate_lib.evaluate(predict, self.records, self.settings, **self.options)
+    results = runner.evaluate(predict, self.records, self.settings, **self.options)
     yield from results.items()
 
 

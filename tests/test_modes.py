@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 
 from mlseg_jax import errors
-from mlseg_jax import evaluate as evaluate_lib
-from mlseg_jax import evaluation_runner
-from mlseg_jax import evaluators
 from mlseg_jax import optimizer as optim_lib
 from mlseg_jax import pretrained
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax import train
 from mlseg_jax.checkpoints import DAMAGED_DIR
+from mlseg_jax.evaluation import evaluators
+from mlseg_jax.evaluation import metrics as metrics_lib
+from mlseg_jax.evaluation import modes
+from mlseg_jax.evaluation import runner
 from mlseg_jax.main import validate_config
 from mlseg_jax.param_tree import flatten
 from test_train import random_batches, tiny_train_config
@@ -74,7 +75,7 @@ def test_oracle_evaluation_predicts_only_each_images_classes():
       return model.apply({"params": params}, w, labels=lab)["logits"]
 
     image_confusion = sum(
-        batch.confusion for batch in evaluate_lib.segment(
+        batch.confusion for batch in runner.segment(
             fn, [record], evaluator.settings, num_classes=11, mesh=mesh,
             data_axis=sharding_lib.BATCH_AXES))
     # Only the image's own classes are ever predicted.
@@ -82,7 +83,7 @@ def test_oracle_evaluation_predicts_only_each_images_classes():
     assert image_confusion[:, list(classes)].sum() > 0
     total += image_confusion
   np.testing.assert_allclose(results["mIoU"],
-                             evaluate_lib.metrics_lib.segmentation_metrics(total)["mIoU"])
+                             metrics_lib.segmentation_metrics(total)["mIoU"])
 
 
 class _CountingModel:
@@ -108,7 +109,7 @@ def test_a_second_periodic_evaluation_does_not_trace_the_forward_again(tmp_path,
   images, labels = train.sample_inputs(config)
   params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), images, labels=labels)["params"],
                    out_shardings=sharding_lib.replicated(mesh))()
-  evaluate_fn = evaluation_runner.periodic_eval_fn(config, tmp_path)
+  evaluate_fn = modes.periodic_eval_fn(config, tmp_path)
   first = evaluate_fn(params, 1)
   traces = counting.traces
   assert traces >= 1
@@ -130,7 +131,7 @@ def test_eval_restores_the_parameters_alone_and_falls_back_past_a_damaged_step(
 
   monkeypatch.setattr(optim_lib, "make_optimizer", no_optimizer)
   mesh = sharding_lib.make_mesh(config.mesh)
-  params, source = evaluation_runner.load_params_for_eval(config, tmp_path, mesh)
+  params, source = modes.load_params_for_eval(config, tmp_path, mesh)
   assert source == str(tmp_path / "checkpoints" / "4")
   want = flatten(jax.device_get(state.params))
   got = flatten(jax.device_get(params))
@@ -140,7 +141,7 @@ def test_eval_restores_the_parameters_alone_and_falls_back_past_a_damaged_step(
 
   step_2 = flatten(pretrained.load_params(tmp_path / "checkpoints" / "2"))
   (tmp_path / "checkpoints" / "4" / "state" / "_METADATA").unlink()
-  params, source = evaluation_runner.load_params_for_eval(config, tmp_path, mesh)
+  params, source = modes.load_params_for_eval(config, tmp_path, mesh)
   assert source == str(tmp_path / "checkpoints" / "2")
   assert (tmp_path / DAMAGED_DIR / "4").is_dir()
   got = flatten(jax.device_get(params))
@@ -212,8 +213,8 @@ def test_an_evaluation_writes_its_confusion_matrix_and_pictures_and_sends_them_t
   params = model.init(jax.random.PRNGKey(0), images, labels=labels)["params"]
   (evaluator,) = evaluators.build_evaluators(config, mesh)
   tracker = tracking.Tracker(open_summary_writer(tmp_path / "tb"))
-  palette = evaluation_runner.data_lib.dataset_info(config.data).palette
-  scalars = evaluation_runner.evaluate_params([evaluator], params, workdir=tmp_path, step=7,
+  palette = modes.data_lib.dataset_info(config.data).palette
+  scalars = modes.evaluate_params([evaluator], params, workdir=tmp_path, step=7,
                                               tracker=tracker, sample_images=1,
                                               palette=palette)
   tracker.close()
@@ -223,7 +224,7 @@ def test_an_evaluation_writes_its_confusion_matrix_and_pictures_and_sends_them_t
 
   # The matrix is the evaluation's own: per-image predictions against the labels ...
   want = np.zeros((11, 11), np.int64)
-  for batch in evaluate_lib.segment(functools.partial(evaluator.predict_fn, params),
+  for batch in runner.segment(functools.partial(evaluator.predict_fn, params),
                                     evaluator.records, evaluator.settings, num_classes=11,
                                     topk=config.model.topk, keep_predictions=True):
     for r in batch.images:

@@ -25,15 +25,17 @@ from mlseg_jax import checkpoints
 from mlseg_jax import data as data_lib
 from mlseg_jax import distributed
 from mlseg_jax import errors
-from mlseg_jax import eval_plots
-from mlseg_jax import evaluate as evaluate_lib
-from mlseg_jax import evaluators as evaluators_lib
-from mlseg_jax import metrics as metrics_lib
-from mlseg_jax import predict as predict_lib
+from mlseg_jax import paths
 from mlseg_jax import pretrained
 from mlseg_jax import sharding as sharding_lib
 from mlseg_jax import tracking
 from mlseg_jax.data import classes as classes_lib
+from mlseg_jax.evaluation import batching as batching_lib
+from mlseg_jax.evaluation import evaluators as evaluators_lib
+from mlseg_jax.evaluation import metrics as metrics_lib
+from mlseg_jax.evaluation import pictures as pictures_lib
+from mlseg_jax.evaluation import predict as predict_lib
+from mlseg_jax.evaluation import runner
 from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.models.segmenter import abstract_params
 
@@ -43,7 +45,7 @@ def evaluate_params(evaluators: Sequence[evaluators_lib.Evaluator], params, *,
                     tracker: tracking.Tracker | None = None, sample_images: int = 0,
                     palette: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
   """Runs each evaluator on `params`, writes its JSON + table, confusion matrix (.npy) and
-  pictures (the confusion heatmap and per-class IoU bars, `eval_plots.py`) to
+  pictures (the confusion heatmap and per-class IoU bars, `pictures.py`) to
   WORKDIR/eval/[step_N_]NAME and returns the scalars of all of them (NAME/mIoU, ...).
 
   With `sample_images` N > 0, the pictures and N validation images (ground truth beside
@@ -59,12 +61,12 @@ def evaluate_params(evaluators: Sequence[evaluators_lib.Evaluator], params, *,
     name = f"step_{step}_{kind}" if step is not None else kind
     drawn = {}
     if main and (workdir is not None or sample_images):
-      drawn = eval_plots.pictures(results, palette=palette,
+      drawn = pictures_lib.pictures(results, palette=palette,
                                   title=kind if step is None else f"{kind}, step {step}")
     if workdir is not None and main:
       directory = epath.Path(workdir) / "eval"
       path = metrics_lib.write_results(results, directory, name)
-      eval_plots.write_pictures(drawn, directory, name)
+      pictures_lib.write_pictures(drawn, directory, name)
       logging.info("evaluation written to %s (with %s)\n%s", path,
                    ", ".join(f"{name}_{k}.png" for k in drawn) or "no pictures",
                    metrics_lib.format_table(results))
@@ -96,12 +98,10 @@ def sample_pictures(evaluator: evaluators_lib.Evaluator, params, n: int,
   records = evaluators_lib.FirstN(evaluator.records, n)
   predict = evaluators_lib.stops_on_signal(functools.partial(evaluator.predict_fn, params))
   pictures = []
-  for batch in evaluate_lib.segment(
+  for batch in runner.segment(
       predict, records, evaluator.settings, num_classes=o["num_classes"], topk=o["topk"],
-      mesh=o["mesh"], data_axis=o["data_axis"], images_per_batch=o["images_per_batch"],
-      windows_per_call=o["windows_per_call"],
-      min_windows_per_call=o["min_windows_per_call"], gt_classes=o["gt_classes"],
-      keep_predictions=True):
+      mesh=o["mesh"], data_axis=o["data_axis"], batching=o["batching"],
+      gt_classes=o["gt_classes"], keep_predictions=True):
     for result in batch.images:
       record = records[result.index]
       image, label, prediction = _scaled(record["image"], record["label"], result.prediction)
@@ -191,6 +191,10 @@ def predict(config, workdir, images, output):
   problems = evaluators_lib.resolve_eval_config(config)
   if problems:
     raise errors.ConfigError("invalid config:\n  " + "\n  ".join(problems))
+  # The inputs' mistakes before the weights are read.
+  predict_lib.check_output(images, output)
+  paths.writable_directory(output, "--output")  # A file, read-only, full: before the model.
+  predict_lib.find_images(images)
   mesh = sharding_lib.make_mesh(config.mesh)
   params, source = load_params_for_eval(config, workdir, mesh)
   dataset = data_lib.dataset_info(config.data)
@@ -201,8 +205,7 @@ def predict(config, workdir, images, output):
       evaluators_lib.stops_on_signal(functools.partial(predict_fn, params)), images,
       output, settings, palette=dataset.palette, class_names=dataset.class_names, topk=topk,
       mesh=mesh, data_axis=sharding_lib.BATCH_AXES,
-      windows_per_call=config.eval.windows_per_call,
-      min_windows_per_call=config.eval.min_windows_per_call)
+      batching=batching_lib.Batching.for_predict(config.eval))
   failed = [w for w in written if "error" in w]
   logging.info("predicted %d images with %s into %s", len(written) - len(failed), source,
                output)

@@ -1,6 +1,6 @@
 """Pictures of an evaluation: the confusion matrix as a heatmap, the per-class IoU as bars.
 
-Both are drawn from the results `evaluate.evaluate` returns (its "confusion" and "IoU") into
+Both are drawn from the results `runner.evaluate` returns (its "confusion" and "IoU") into
 RGB arrays, which `write_pictures` saves next to the results files as
 `NAME_confusion.png` and `NAME_iou.png` and the trackers log as images.
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from mlseg_jax import eval_plots
-from mlseg_jax import metrics as metrics_lib
+from mlseg_jax.evaluation import pictures
+from mlseg_jax.evaluation import metrics as metrics_lib
 from mlseg_jax.data.classes import CAMVID_CLASSES, CAMVID_PALETTE
 
 
@@ -20,7 +20,7 @@ def test_the_pictures_of_camvid_results_show_every_class_in_its_palette_colour()
   confusion = _confusion(11)
   confusion[4] = 0  # A class never labelled: a grey row, and IoU 0 if it is predicted.
   results = metrics_lib.segmentation_metrics(confusion, CAMVID_CLASSES)
-  drawn = eval_plots.pictures(results, palette=CAMVID_PALETTE, title="ss, step 3")
+  drawn = pictures.pictures(results, palette=CAMVID_PALETTE, title="ss, step 3")
   assert set(drawn) == {"confusion", "iou"}
   for picture in drawn.values():
     assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
@@ -40,11 +40,11 @@ def test_many_classes_show_the_most_confused_ones():
   confusion = _confusion(150)
   confusion[:, 7] += 500  # Class 7 takes many pixels of the others ...
   confusion[9, :] += 400  # ... and class 9's pixels go everywhere.
-  shown = eval_plots.most_confused(confusion, eval_plots.MAX_HEATMAP_CLASSES)
-  assert len(shown) == eval_plots.MAX_HEATMAP_CLASSES and 7 in shown and 9 in shown
+  shown = pictures.most_confused(confusion, pictures.MAX_HEATMAP_CLASSES)
+  assert len(shown) == pictures.MAX_HEATMAP_CLASSES and 7 in shown and 9 in shown
   assert list(shown) == sorted(shown)
   names = [f"class {i}" for i in range(150)]
-  picture = eval_plots.confusion_picture(confusion, names)
-  big = eval_plots.iou_picture(metrics_lib.segmentation_metrics(confusion, names)["IoU"])
+  picture = pictures.confusion_picture(confusion, names)
+  big = pictures.iou_picture(metrics_lib.segmentation_metrics(confusion, names)["IoU"])
   for p in (picture, big):
     assert p.std() > 0 and max(p.shape[:2]) <= 2000  # Readable, bounded whatever the count.
