@@ -333,9 +333,7 @@ class Progress:
 # Evaluations and the best checkpoint.
 
 EVALUATIONS_FILE = "evaluations.json"
-# What `train.best_metric` may name: the summary numbers every evaluation reports (the
-# multi-label ones only for MLSeg models). Higher is better for all of them.
-BEST_METRICS = ("mIoU", "aAcc", "mAcc") + metrics_lib.MultiLabelMetrics.KEYS
+BEST_METRICS = metrics_lib.BEST_METRICS
 
 
 class Evaluations:

@@ -19,11 +19,11 @@ from mlseg_jax import errors
 from mlseg_jax.configs.common import get_base_config
 from mlseg_jax.data import datasets
 from mlseg_jax.evaluation.evaluators import resolve_eval_config
+from mlseg_jax.evaluation.metrics import BEST_METRICS
 from mlseg_jax.models.decoders import decoder_spec
 from mlseg_jax.models.segmenter import abstract_params
 from mlseg_jax.models.vit import VARIANTS
 from mlseg_jax.tracking import logging_problems
-from mlseg_jax.train import BEST_METRICS
 
 # (field, what a pair means): every size the pipeline unpacks as two numbers.
 PAIRS = (("data.crop_size", "(h, w)"), ("model.img_size", "(h, w)"),

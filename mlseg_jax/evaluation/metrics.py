@@ -153,6 +153,11 @@ class MultiLabelMetrics:
     return out
 
 
+# What `train.best_metric` may name: the summary numbers every evaluation reports (the
+# multi-label ones only for MLSeg models). Higher is better for all of them.
+BEST_METRICS = ("mIoU", "aAcc", "mAcc") + MultiLabelMetrics.KEYS
+
+
 def format_table(results: dict[str, Any]) -> str:
   """Per-class IoU / Acc and the summary in percent, as mmseg prints them."""
   names = list(results["IoU"])
