@@ -93,6 +93,16 @@ QUICKSTART_TRAINING = ["--config", "configs/quickstart.py", *TINY,
                        f"--config.train.eval_every={QUICKSTART_STEPS}"]
 
 
+def assert_user_error(proc, *needles, max_lines=6):
+  """A user mistake: exit code 2, a short `error:` message naming it, no traceback."""
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if not line.startswith(("I", "W"))]
+  assert errors and errors[0].startswith("error: "), proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and len(errors) <= max_lines, proc.stderr[-3000:]
+  for needle in needles:
+    assert needle in proc.stderr, (needle, proc.stderr[-3000:])
+
+
 def run_main(*args, check=True):
   """`python -m mlseg_jax.main ARGS` in the repository, on 2 CPU devices."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import QUICKSTART_STEPS, REPO, SHARED_DATA, TINY, run_main as _main
+from conftest import assert_user_error as _assert_user_error
 
 
 @pytest.mark.slow
@@ -55,16 +56,6 @@ def test_quickstart_trains_evaluates_and_predicts(trained_quickstart, tmp_path):
   assert {p.name for p in (tmp_path / "mixed_out").iterdir()} == {
       f"{one.stem}_mask.png", f"{one.stem}_overlay.png", f"{one.stem}_overlay_legend.png",
       f"{one.stem}_classes.json"}
-
-
-def _assert_user_error(proc, *needles):
-  """A user mistake: exit code 2, a short `error:` message naming it, no traceback."""
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  errors = [line for line in proc.stderr.splitlines() if not line.startswith(("I", "W"))]
-  assert errors and errors[0].startswith("error: "), proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr and len(errors) <= 6, proc.stderr[-3000:]
-  for needle in needles:
-    assert needle in proc.stderr, (needle, proc.stderr[-3000:])
 
 
 def test_command_line_mistakes_get_one_clear_line(tmp_path):

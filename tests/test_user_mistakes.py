@@ -10,16 +10,11 @@ import sys
 import numpy as np
 from PIL import Image
 
-from conftest import QUICKSTART_STEPS, REPO, TINY, run_main
+from conftest import QUICKSTART_STEPS, REPO, TINY, assert_user_error, run_main
 
 
 def _assert_user_error(proc, *needles):
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  errors = [line for line in proc.stderr.splitlines() if not line.startswith(("I", "W"))]
-  assert errors and errors[0].startswith("error: "), proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr and len(errors) <= 4, proc.stderr[-3000:]
-  for needle in needles:
-    assert needle in proc.stderr, (needle, proc.stderr[-3000:])
+  assert_user_error(proc, *needles, max_lines=4)
 
 
 def test_eval_overrides_without_config_apply_to_the_workdirs_config(trained_quickstart,
