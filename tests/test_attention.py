@@ -123,3 +123,47 @@ def test_build_model_resolves_the_default_attention_without_touching_the_config(
   model = build_model(c)
   assert model.backbone.attention_impl == "xla"  # The CPU.
   assert c.attention_impl is None
+
+
+def test_keep_mask_keeps_one_minus_rate_and_uses_both_halves_of_each_word():
+  rate = 0.1
+  shape = (4, 3, 257, 301)  # odd last axis: the second halves are cut to it
+  keep = vit.keep_mask(jax.random.PRNGKey(0), rate, shape)
+  assert keep.shape == shape and keep.dtype == jnp.bool_
+  n = keep.size
+  kept = float(keep.mean())
+  p = round(0.9 * 65536) / 65536
+  assert abs(kept - p) < 5 * np.sqrt(p * (1 - p) / n), kept
+  # The two decisions a word makes are independent: as often both kept as p^2.
+  half = (shape[-1] + 1) // 2
+  first, second = np.asarray(keep[..., :half - 1]), np.asarray(keep[..., half:2 * half - 1])
+  both = float((first & second).mean())
+  assert abs(both - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / first.size), both
+  np.testing.assert_array_equal(keep, vit.keep_mask(jax.random.PRNGKey(0), rate, shape))
+  assert not np.array_equal(keep, vit.keep_mask(jax.random.PRNGKey(1), rate, shape))
+
+
+def test_dropout_scales_what_it_keeps_and_is_the_identity_when_deterministic():
+  x = jnp.ones((2, 64, 33))
+  drop = vit.Dropout(0.25)
+  out = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)})
+  assert set(np.unique(np.asarray(out)).tolist()) == {0.0, float(np.float32(1 / 0.75))}
+  assert abs(float((out == 0).mean()) - 0.25) < 0.02
+  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+  np.testing.assert_array_equal(vit.Dropout(0.0).apply({}, x, deterministic=False), x)
+
+
+def test_dropout_attention_gradients_equal_those_without_recomputation():
+  # The keep mask is saved across the recomputation: the gradients are those of the plain
+  # (stored) computation, the same mask in both passes.
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 9, 3, 8)) for i in range(3))
+  rng = jax.random.PRNGKey(7)
+  attend = lambda q, k, v: vit._dropout_attention(q, k, v, None, None, rng, rate=0.1,
+                                                  dtype=jnp.float32)
+  remat = jax.checkpoint(attend, policy=vit._KEEP_MASK)
+  loss = lambda f: lambda *a: (f(*a) ** 2).sum()
+  got = jax.grad(loss(remat), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(attend), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+

@@ -352,9 +352,10 @@ def test_unknown_remat_policy_is_refused():
     build_model(tiny_config(remat=True, remat_policy="everything").model)
 
 
-def test_decoder_attention_with_dropout_keeps_no_quadratic_tensor():
+def test_decoder_attention_with_dropout_keeps_no_quadratic_float_tensor():
   # The decoder trains with dropout on its attention probabilities; they are recomputed in
-  # the backward pass, so nothing of shape (B, heads, N, N) is kept.
+  # the backward pass, so no float of shape (B, heads, N, N) is kept: only the keep mask,
+  # a byte per entry, which costs more to draw again than to keep.
   from jax.ad_checkpoint import print_saved_residuals
   import contextlib
   import io
@@ -369,7 +370,9 @@ def test_decoder_attention_with_dropout_keeps_no_quadratic_tensor():
     print_saved_residuals(
         lambda p: attn.apply({"params": p}, x, train=True,
                              rngs={"dropout": jax.random.PRNGKey(2)}).sum(), params)
-  assert "50,50]" not in printed.getvalue(), printed.getvalue()
+  quadratic = [line for line in printed.getvalue().splitlines() if "50,50]" in line]
+  assert quadratic and all(line.startswith("bool[3,2,50,50]") for line in quadratic), (
+      printed.getvalue())
   assert "[3,50," in printed.getvalue()  # q, k, v and the like are kept
 
 

@@ -1,3 +1,5 @@
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -67,3 +69,19 @@ def test_labels_inside_a_jitted_loss_are_left_to_the_data_pipeline():
   loss = jax.jit(segmentation_cross_entropy)(logits, labels)
   np.testing.assert_allclose(float(loss), float(segmentation_cross_entropy(logits, labels)),
                              rtol=1e-6)
+
+
+def test_cross_entropy_gradient_equals_torch_and_needs_no_scatter():
+  logits, labels = _case(3)
+  t_logits = torch.from_numpy(logits).permute(0, 3, 1, 2).requires_grad_()
+  t_labels = torch.from_numpy(np.where(labels == IGNORE_LABEL, 255, labels)).long()
+  F.cross_entropy(t_logits, t_labels, ignore_index=255, reduction="sum").div(
+      labels.size).backward()
+  loss = lambda x: segmentation_cross_entropy(x, labels)
+  grad = jax.grad(loss)(jnp.asarray(logits))
+  np.testing.assert_allclose(grad, t_logits.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-5,
+                             atol=1e-7)
+  # The label's entry is selected, not gathered: a gather's gradient scatters into a full
+  # zero tensor of the logits' size.
+  hlo = jax.jit(jax.grad(loss)).lower(jnp.asarray(logits)).compile().as_text()
+  assert " scatter(" not in hlo and " gather(" not in hlo

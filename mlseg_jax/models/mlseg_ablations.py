@@ -27,7 +27,7 @@ import numpy as np
 from mlseg_jax.models.mask_transformer import MaskTransformerBase
 from mlseg_jax.models.mlseg import (GroupWiseLinear, adaptive_avg_pool, check_topk,
                                     segment_topk_classes, torch_uniform)
-from mlseg_jax.models.vit import trunc_normal
+from mlseg_jax.models.vit import Dropout, trunc_normal
 
 Dtype = Any
 
@@ -85,7 +85,7 @@ class CrossAttention(nn.Module):
     k, v = split(key, 1), split(value, 2)  # (B, S, H, Dh)
     logits = jnp.einsum("bqhd,bshd->bhqs", q, k)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
+    probs = Dropout(self.dropout)(probs, deterministic=not train)
     y = jnp.einsum("bhqs,bshd->bqhd", probs, v).reshape(query.shape[0], query.shape[1], d)
     return nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal(), name="out_proj")(y)
 
@@ -100,7 +100,7 @@ class TranDecLayer(nn.Module):
   @nn.compact
   def __call__(self, tgt, memory, pos, query_pos, *, train: bool):
     d = tgt.shape[-1]
-    drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=not train)
+    drop = lambda t: Dropout(self.dropout)(t, deterministic=not train)
     attn = CrossAttention(num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype,
                           name="multihead_attn")
     y = attn(tgt + query_pos, memory + pos, memory, train=train)

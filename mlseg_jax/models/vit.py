@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from mlseg_jax.resize import cubic_matrices, resize_bicubic
 
@@ -38,6 +39,33 @@ def trunc_normal(stddev=0.02):
   # effect a plain normal. flax's truncated_normal cuts at +-2 std; the difference only
   # matters for training from scratch and is documented in docs/differences.md.
   return nn.initializers.truncated_normal(stddev)
+
+
+def keep_mask(rng, rate: float, shape) -> jax.Array:
+  """Dropout's keep mask: True with probability 1 - rate (to 1/65536).
+
+  Each 32 random bits make two decisions of 16 bits, halving the random numbers a mask
+  costs: threefry, jax's generator, is most of the price of the decoder's attention
+  dropout on a CPU (a (B, 12, 1074, 1074) mask per layer at 512). The scale applied to the
+  kept values stays 1 / (1 - rate), as in PyTorch; at rate 0.1 the keep probability is
+  58982 / 65536, 6e-6 below 0.9.
+  """
+  n = shape[-1]
+  bits = jax.random.bits(rng, tuple(shape[:-1]) + ((n + 1) // 2,), jnp.uint32)
+  halves = jnp.concatenate([bits & 0xFFFF, bits >> 16], axis=-1)[..., :n]
+  return halves < jnp.uint32(round((1.0 - rate) * 65536))
+
+
+class Dropout(nn.Module):
+  """Dropout with `keep_mask` (flax's nn.Dropout draws 32 bits per element)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = keep_mask(self.make_rng("dropout"), self.rate, x.shape)
+    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
 
 
 class DropPath(nn.Module):
@@ -65,16 +93,24 @@ def _key_mask(kv_seqlen, kv_mask, n: int):
   return None if valid is None else valid[:, None, None, :]
 
 
+_KEEP_MASK = jax.checkpoint_policies.save_only_these_names("attention_keep")
+
+
 def _dropout_attention(q, k, v, kv_seqlen, kv_mask, rng, *, rate: float, dtype):
-  """softmax(q k^T / sqrt(d)) with dropout on the probabilities, times v; (B, N, H, Dh)."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+  """softmax(q k^T / sqrt(d)) with dropout on the probabilities, times v; (B, N, H, Dh).
+
+  Both scales apply to (N, Dh) tensors, not to the (N, N) ones: XLA:CPU writes out a
+  constant broadcast to every (heads, N, N) operand it multiplies. 1/sqrt(64) is a power
+  of two, so scaling q first changes no bit of the logits.
+  """
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k)
   valid = _key_mask(kv_seqlen, kv_mask, k.shape[1])
   if valid is not None:
     logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
-  probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  keep = checkpoint_name(keep_mask(rng, rate, probs.shape), "attention_keep")
+  probs = jnp.where(keep, probs, 0.0).astype(dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v) * (1.0 / (1.0 - rate))
 
 
 class SelfAttention(nn.Module):
@@ -100,11 +136,13 @@ class SelfAttention(nn.Module):
     if train and self.dropout > 0.0:
       # Dropout on the attention probabilities (the Segmenter decoder trains with 0.1)
       # needs the probabilities themselves, so the fused kernel cannot be used here. They
-      # are recomputed in the backward pass from q, k, v and the dropout key rather than
-      # stored: the probabilities, their float32 softmax and the dropout mask are several
-      # (B, heads, N, N) tensors per layer, most of the decoder's activation memory.
+      # are recomputed in the backward pass from q, k, v rather than stored: the
+      # probabilities and their float32 softmax are (B, heads, N, N) floats per layer,
+      # most of the decoder's activation memory. The keep mask, a byte per entry, is kept:
+      # drawing it again cost more than the recomputed softmax (issue 25's profile).
       attend = functools.partial(_dropout_attention, rate=self.dropout, dtype=self.dtype)
-      y = jax.checkpoint(attend)(q, k, v, kv_seqlen, kv_mask, self.make_rng("dropout"))
+      y = jax.checkpoint(attend, policy=_KEEP_MASK)(q, k, v, kv_seqlen, kv_mask,
+                                                     self.make_rng("dropout"))
     elif kv_mask is not None:
       y = jax.nn.dot_product_attention(q, k, v, mask=_key_mask(kv_seqlen, kv_mask, n),
                                        implementation="xla")
@@ -113,7 +151,7 @@ class SelfAttention(nn.Module):
                                        implementation=self.attention_impl)
     y = y.reshape(b, n, d)
     y = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal(), name="proj")(y)
-    return nn.Dropout(self.dropout)(y, deterministic=not train)
+    return Dropout(self.dropout)(y, deterministic=not train)
 
 
 class Mlp(nn.Module):
@@ -126,9 +164,9 @@ class Mlp(nn.Module):
     d = x.shape[-1]
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=trunc_normal(), name="fc1")(x)
     y = nn.gelu(y, approximate=False)
-    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    y = Dropout(self.dropout)(y, deterministic=not train)
     y = nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal(), name="fc2")(y)
-    return nn.Dropout(self.dropout)(y, deterministic=not train)
+    return Dropout(self.dropout)(y, deterministic=not train)
 
 
 class Block(nn.Module):
