@@ -58,17 +58,6 @@ class Reference:
     self.proc.wait(timeout=60)
 
 
-def load_config(row: str):
-  import importlib.util
-
-  from mlseg_jax.configs import resolve
-
-  spec = importlib.util.spec_from_file_location(row, resolve(row))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def ours(config, batch: int, data: dict):
   """(step(), loss of the first step): our jitted step of `config`, compiled, run once."""
   import jax
@@ -106,8 +95,10 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   from benchmarks import measure
+  from benchmarks.eval_throughput import load_config
+  from mlseg_jax.configs import resolve
 
-  config = load_config(args.row)
+  config = load_config(resolve(args.row))
   data = measure.synthetic_batch(config, args.batch)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "batch.npz")

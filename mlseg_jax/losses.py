@@ -50,7 +50,8 @@ def segmentation_cross_entropy(logits, labels, *, reduction: str = "all_pixels",
   safe = jnp.where(valid, labels, 0)
   logp = jax.nn.log_softmax(logits, axis=-1)
   # The label's entry picked by a select, not a gather: a gather's gradient is a scatter
-  # into a (B, H, W, C) zero tensor, written out in full (XLA:CPU; 512x512x50 floats for MLSeg at 512).
+  # into a (B, H, W, C) zero tensor, written out in full (XLA:CPU; 512x512x50 floats for
+  # MLSeg at 512).
   picked = jnp.arange(logp.shape[-1]) == safe[..., None]
   nll = -jnp.where(picked, logp, 0.0).sum(-1)
   nll = jnp.where(valid, nll, 0.0)

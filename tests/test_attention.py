@@ -166,4 +166,3 @@ def test_dropout_attention_gradients_equal_those_without_recomputation():
   want = jax.grad(loss(attend), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-
