@@ -7,10 +7,13 @@ Each (row, slice) is one `mlseg_jax.aot` process at the reference's batch of 8 i
 (the training step and the config's own evaluation forwards for ADE20K-sized images),
 written to `benchmarks/tpu/<slice>/<row>.json`; a row whose step does not fit is compiled
 again with `model.remat=True`, and the table says which setting it needs. `--max_batch`
-adds the largest batch per chip (`<row>.max_batch.json`). Results already on disk are
-kept, so an interrupted run resumes where it stopped; `--render` rewrites the table
-between the markers in `benchmarks/README.md` from whatever is there, rows not yet
-compiled marked pending.
+adds the largest batch per chip (`<row>.max_batch.json`): in the same process as the row's
+first compile when the row is new, since the search starts from the step at batch 8. Its
+step at batch 8 is compiled at the commit of the search, so the table takes the step's
+numbers from it where it exists. Each JSON records the commit it was compiled at. Results
+already on disk are kept, so an interrupted run resumes where it stopped; `--render`
+rewrites the table between the markers in `benchmarks/README.md` from whatever is there,
+rows not yet compiled marked pending.
 """
 
 from __future__ import annotations
@@ -35,13 +38,24 @@ def rows() -> list[str]:
   return [n for n in FIRST if n in names] + [n for n in names if n not in FIRST]
 
 
+def _commit() -> str:
+  def git(*a: str) -> str:
+    return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+  return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain",
+                                                                   "mlseg_jax", "configs") else "")
+
+
 def _aot(row: str, topology: str, out: pathlib.Path, *extra: str) -> dict | None:
   cmd = [sys.executable, "-m", "mlseg_jax.aot", "--config", f"configs/{row}.py",
          "--topology", topology, "--json", str(out), "--config.model.dtype=bfloat16", *extra]
   print("+", " ".join(cmd[1:]), flush=True)
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   print(proc.stdout[-3000:], proc.stderr[-2000:] if proc.returncode else "", flush=True)
-  return json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else None
+  if proc.returncode or not out.exists():
+    return None
+  report = dict(json.loads(out.read_text()), commit=_commit())
+  out.write_text(json.dumps(report, indent=1, default=str))
+  return report
 
 
 def _step(report: dict) -> dict:
@@ -52,15 +66,19 @@ def compile_row(row: str, topology: str, max_batch: bool) -> None:
   folder = OUT / topology
   folder.mkdir(parents=True, exist_ok=True)
   path = folder / f"{row}.json"
+  best = folder / f"{row}.max_batch.json"
   if not path.exists():
-    report = _aot(row, topology, path.with_suffix(".tmp"))
+    search = ("--max_batch",) if max_batch else ()
+    report = _aot(row, topology, path.with_suffix(".tmp"), *search)
     if report is not None and not _step(report)["fits"]:
-      report = _aot(row, topology, path.with_suffix(".tmp"), "--config.model.remat=True")
+      report = _aot(row, topology, path.with_suffix(".tmp"), "--config.model.remat=True",
+                    *search)
     if report is None:
       return
+    if max_batch:
+      best.write_text(path.with_suffix(".tmp").read_text())
     path.with_suffix(".tmp").rename(path)
   report = json.loads(path.read_text())
-  best = folder / f"{row}.max_batch.json"
   if max_batch and not best.exists():
     tmp = best.with_suffix(".tmp")
     if _aot(row, topology, tmp, "--noeval", "--max_batch",
@@ -73,11 +91,11 @@ def _cells(row: str, topology: str) -> list[str]:
   if not path.exists():
     return [row, topology] + ["pending"] + [""] * 8
   r = json.loads(path.read_text())
-  step = _step(r)
   hbm = r["chip"]["hbm_gib"]
   best_path = OUT / topology / f"{row}.max_batch.json"
-  best = (str(json.loads(best_path.read_text()).get("max_batch_per_chip", "-"))
-          if best_path.exists() else "pending")
+  searched = json.loads(best_path.read_text()) if best_path.exists() else None
+  best = str(searched.get("max_batch_per_chip", "-")) if searched else "pending"
+  step = _step(searched or r)
   gib = lambda b: f"{b / 2 ** 30:.2f}"  # noqa: E731
   fits = (f"yes ({gib(step['total'])} of {hbm:g} GiB)" if step["fits"]
           else f"no ({gib(step['total'])} of {hbm:g} GiB)")
