@@ -203,3 +203,45 @@ def test_the_paper_table_renders_what_is_compiled_and_marks_the_rest_pending(
   assert f"yes ({step['total'] / 2 ** 30:.2f} of 16 GiB)" in done
   assert f"| {step['flops'] / 1e9:.0f} |" in done and "pending" in done  # max batch
   assert sum(line.split(" | ")[2:3] == ["pending"] for line in lines) == len(rows) - 1
+
+
+def test_the_paper_table_takes_the_step_and_max_batch_from_the_search(
+    quickstart_on_v5e_2x2, tmp_path, monkeypatch):
+  from benchmarks import tpu_table
+
+  report, _ = quickstart_on_v5e_2x2
+  row = tpu_table.rows()[0]
+  monkeypatch.setattr(tpu_table, "OUT", tmp_path)
+  (tmp_path / "v5e:2x2").mkdir()
+  (tmp_path / "v5e:2x2" / f"{row}.json").write_text(json.dumps(report, default=str))
+  searched = json.loads(json.dumps(report, default=str))
+  searched["programs"][0]["flops"] = 7.4e12  # the later compile's numbers win
+  searched["max_batch_per_chip"] = 13
+  (tmp_path / "v5e:2x2" / f"{row}.max_batch.json").write_text(json.dumps(searched))
+  done = next(line for line in tpu_table.render(["v5e:2x2"]).splitlines()
+              if line.startswith(f"| {row} |"))
+  assert "| 13 | 7400 |" in done and "pending" not in done
+
+
+def test_a_new_row_compiles_its_step_once_for_the_table_and_the_max_batch(tmp_path,
+                                                                          monkeypatch):
+  from benchmarks import tpu_table
+
+  calls = []
+
+  def fake_aot(row, topology, out, *extra):
+    calls.append(extra)
+    report = dict(programs=[dict(name="train step, batch 8 (2 per chip)", fits=True)],
+                  max_batch_per_chip=5 if "--max_batch" in extra else None)
+    out.write_text(json.dumps(report))
+    return report
+
+  monkeypatch.setattr(tpu_table, "OUT", tmp_path)
+  monkeypatch.setattr(tpu_table, "_aot", fake_aot)
+  tpu_table.compile_row("row", "v4-8", max_batch=True)
+  tpu_table.compile_row("row", "v4-8", max_batch=True)  # resumed: nothing left to compile
+  assert calls == [("--max_batch",)]
+  assert json.loads((tmp_path / "v4-8" / "row.max_batch.json").read_text())[
+      "max_batch_per_chip"] == 5
+  assert (tmp_path / "v4-8" / "row.json").exists()
+  assert not list((tmp_path / "v4-8").glob("*.tmp"))
