@@ -35,11 +35,12 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # xdist workers (`--dist loadfile`) are handed these before the rest, so that no long file
 # is left to run alone at the end (xdist's own order, by test count, hands them out last).
 LONGEST_FILES = (
-    "test_preemption.py", "test_train.py", "test_gcs.py", "test_multiprocess.py",
-    "test_preemption_pod.py", "test_main.py", "test_filesystem_faults.py",
-    "test_attention.py", "test_bench.py", "test_notebook.py", "test_evaluate.py",
-    "test_eval_reference.py", "test_modes.py", "test_segmenter.py", "test_export.py",
-    "test_padded_windows.py", "test_topology.py", "test_compilation.py", "test_launch.py")
+    "test_preemption.py", "test_train.py", "test_filesystem_faults.py", "test_gcs.py",
+    "test_preemption_pod.py", "test_main.py", "test_eval_reference.py", "test_multiprocess.py",
+    "test_evaluate.py", "test_bench.py", "test_padded_windows.py", "test_modes.py",
+    "test_topology.py", "test_configs.py", "test_notebook.py", "test_launch.py",
+    "test_segmenter.py", "test_convert.py", "test_aot.py", "test_user_mistakes.py",
+    "test_export.py", "test_compilation.py")
 
 
 def pytest_configure(config):

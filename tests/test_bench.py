@@ -331,7 +331,7 @@ def test_remat_policies_keep_less_and_compute_the_same_gradients():
                               ("full", True, "nothing_saveable")]:
     config = tiny_config("mask_transformer", remat=remat, remat_policy=policy)
     model = build_model(config.model)
-    params = model.init(jax.random.PRNGKey(2), images)["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(2), images)["params"]
 
     def loss(p):
       out = model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.PRNGKey(3)})

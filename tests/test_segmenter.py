@@ -29,13 +29,13 @@ def test_training_loss_is_finite_and_differentiable(decoder):
   model = build_model(c)
   images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   labels = jax.random.randint(jax.random.PRNGKey(1), (2, 32, 32), -1, 5)
-  params = model.init(jax.random.PRNGKey(1), images)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), images)["params"]
 
   def loss_fn(p):
     out = model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
     return compute_losses(out, labels, c)[0]
 
-  loss, grads = jax.value_and_grad(loss_fn)(params)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   assert np.isfinite(float(loss)) and float(loss) > 0
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
 
