@@ -384,11 +384,18 @@ def eval_programs(config, devices, sizes, chip: Chip) -> tuple[list[Program], di
                     for k, v in calls.items()}
 
 
+MAX_BATCH_LIMIT = 1024  # per chip; a search that reaches it says more may fit
+
+
 def max_batch_per_chip(config, devices, chip: Chip, first: Program | None = None,
-                       limit: int = 1024) -> tuple[int, list[Program]]:
-  """The largest batch per chip whose training step fits, by compiling: from the memory
-  of two batches the largest is predicted (temporaries grow linearly with the batch),
-  then checked, and bisected where the prediction misses."""
+                       hint: int | None = None,
+                       limit: int = MAX_BATCH_LIMIT) -> tuple[int, list[Program]]:
+  """The largest batch per chip whose training step fits, by compiling. Near the chip's HBM
+  XLA's TPU compiler rematerialises to fit, so memory stops growing with the batch and no
+  prediction from small batches holds: the search starts at `hint` (a similar row's answer)
+  or, without one, at the linear prediction from 1 and 2 per chip, gallops (steps doubling)
+  to a batch that fits and one that does not, and bisects between them. A start at the
+  answer costs two compiles."""
   from mlseg_jax import sharding as sharding_lib
 
   dp = sharding_lib.data_parallel_size(_mesh(config, devices))
@@ -399,31 +406,48 @@ def max_batch_per_chip(config, devices, chip: Chip, first: Program | None = None
       tried[b] = train_step_program(config, devices, b * dp, chip)
     return tried[b].fits
 
+  def done(best: int) -> tuple[int, list[Program]]:
+    return best, list(tried.values())
+
   if first is not None and first.fits:
     tried[max(1, _per_chip(first))] = first
-  if not fits(1):
-    return 0, list(tried.values())
-  lo, hi = 1, None
-  b = 2
-  while hi is None:
-    if fits(b):
-      lo = b
-      a, c = tried[lo // 2 if lo // 2 in tried else 1], tried[lo]
-      slope = (c.total - a.total) / max(lo - _per_chip(a), 1)
-      guess = (int(lo + (chip.hbm_gib * 2 ** 30 - c.total) // slope) if slope > 0
-               else 2 * lo)
-      b = min(max(guess, lo + 1), limit)
-      if b == lo:
-        return lo, list(tried.values())
-    else:
-      hi = b
+  if hint is None:
+    if not fits(1):
+      return done(0)
+    if not fits(2):
+      return done(1)
+    slope = tried[2].total - tried[1].total
+    hint = (int(2 + (chip.hbm_gib * 2 ** 30 - tried[2].total) // slope) if slope > 0
+            else 4)
+  start = min(max(hint, 1), limit)
+  step = 1
+  if fits(start):
+    lo = start
+    while True:
+      if lo == limit:
+        return done(lo)
+      b = min(lo + step, limit)
+      if not fits(b):
+        hi = b
+        break
+      lo, step = b, 2 * step
+  else:
+    hi = start
+    while True:
+      if hi == 1:
+        return done(0)
+      b = max(hi - step, 1)
+      if fits(b):
+        lo = b
+        break
+      hi, step = b, 2 * step
   while hi - lo > 1:
     mid = (lo + hi) // 2
     if fits(mid):
       lo = mid
     else:
       hi = mid
-  return lo, list(tried.values())
+  return done(lo)
 
 
 def _per_chip(p: Program) -> int:
@@ -493,8 +517,10 @@ def format_table(s: Slice, programs: list[Program]) -> str:
 
 
 def run(config, topology: str, *, batch: int | None = None, find_max_batch: bool = False,
-        with_train: bool = True, with_eval: bool = True, sizes=None) -> dict[str, Any]:
-  """Compiles `config`'s programs for the slice `topology`; every number, as a dict."""
+        max_batch_hint: int | None = None, with_train: bool = True, with_eval: bool = True,
+        sizes=None) -> dict[str, Any]:
+  """Compiles `config`'s programs for the slice `topology`; every number, as a dict.
+  `with_train=False` skips the step at the config's batch, not the max-batch search."""
   s = parse_slice(topology)
   check_config_for_tpu(config)
   devices = slice_devices(s)
@@ -504,16 +530,17 @@ def run(config, topology: str, *, batch: int | None = None, find_max_batch: bool
       attention_impl=config.model.attention_impl or "xla", remat=bool(config.model.remat),
       dtype=config.model.dtype)
   programs: list[Program] = []
+  step = None
   if with_train:
     b = batch or config.train.batch_size
     step = train_step_program(config, devices, b, s.chip)
     programs.append(step)
     report["train_batch"] = b
-    if find_max_batch:
-      best, tried = max_batch_per_chip(config, devices, s.chip, first=step)
-      report["max_batch_per_chip"] = best
-      report["max_batch_tried"] = {_per_chip(p): p.fits for p in tried}
-      programs += [p for p in tried if p is not step]
+  if find_max_batch:
+    best, tried = max_batch_per_chip(config, devices, s.chip, first=step, hint=max_batch_hint)
+    report["max_batch_per_chip"] = best
+    report["max_batch_tried"] = {_per_chip(p): p.fits for p in tried}
+    programs += [p for p in tried if p is not step]
   if with_eval:
     sizes = sizes or ade20k_sizes(2000)
     evals, per_evaluator = eval_programs(config, devices, sizes, s.chip)
@@ -530,7 +557,7 @@ def run(config, topology: str, *, batch: int | None = None, find_max_batch: bool
 def _define_flags() -> None:
   """The command's flags, defined only when it runs: `main` imports this module's
   functions into its process, where a second `--config` flag would collide."""
-  global _CONFIG, _TOPOLOGY, _BATCH, _MAX_BATCH, _EVAL, _TRAIN, _SIZES, _IMAGES, _JSON
+  global _CONFIG, _TOPOLOGY, _BATCH, _MAX_BATCH, _HINT, _EVAL, _TRAIN, _SIZES, _IMAGES, _JSON
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config (configs/NAME.py or NAME).",
                                             lock_config=True)
   _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5e-8, v4-8, v5p-8, v6e-8, "
@@ -538,8 +565,12 @@ def _define_flags() -> None:
   _BATCH = flags.DEFINE_integer("batch", None, "Global training batch (default: the config's).")
   _MAX_BATCH = flags.DEFINE_bool("max_batch", False, "Also find, by compiling, the largest "
                                  "batch per chip whose training step fits the chip's HBM.")
+  _HINT = flags.DEFINE_integer("max_batch_hint", None, "Start the --max_batch search at this "
+                               "batch per chip (e.g. a similar row's answer): the same "
+                               "answer, in fewer compiles the closer it is.", lower_bound=1)
   _EVAL = flags.DEFINE_bool("eval", True, "Compile the evaluation forwards too.")
-  _TRAIN = flags.DEFINE_bool("train", True, "Compile the training step.")
+  _TRAIN = flags.DEFINE_bool("train", True, "Compile the training step at the config's "
+                             "batch (--max_batch searches all the same).")
   _SIZES = flags.DEFINE_string("sizes", "ade20k", "Evaluation image sizes: 'ade20k' (drawn "
                                "like ADE20K val's) or HxW,HxW,... (cycled to --images).")
   _IMAGES = flags.DEFINE_integer("images", 2000, "Evaluation images whose calls are counted.")
@@ -551,6 +582,8 @@ def main(argv):
     raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or not _TOPOLOGY.value:
     raise errors.UsageError("--config and --topology are required")
+  if _HINT.value is not None and not _MAX_BATCH.value:
+    raise errors.UsageError("--max_batch_hint needs --max_batch")
   from mlseg_jax.configs import validate
 
   config = _CONFIG.value
@@ -558,6 +591,7 @@ def main(argv):
     config.train.batch_size = _BATCH.value
   validate.validate_config(config, num_devices=parse_slice(_TOPOLOGY.value).chips)
   report = run(config, _TOPOLOGY.value, find_max_batch=_MAX_BATCH.value,
+               max_batch_hint=_HINT.value,
                with_train=_TRAIN.value, with_eval=_EVAL.value,
                sizes=parse_sizes(_SIZES.value, _IMAGES.value) if _EVAL.value else None)
   print(f"{report['topology']} ({report['libtpu_topology']}: {report['chips']} chips of "
@@ -565,7 +599,9 @@ def main(argv):
         f"{report['attention_impl']}, remat {report['remat']}, {report['dtype']}")
   print(report["table"])
   if "max_batch_per_chip" in report:
-    print(f"largest training batch per chip that fits: {report['max_batch_per_chip']}")
+    best = report["max_batch_per_chip"]
+    print(f"largest training batch per chip that fits: {best}" + (
+        " (the search's limit: more may fit)" if best >= MAX_BATCH_LIMIT else ""))
   if "eval" in report:
     e = report["eval"]
     print(f"evaluation of {e['images']} images ({_SIZES.value}): {e['programs']} forward "

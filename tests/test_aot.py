@@ -129,21 +129,47 @@ def test_forward_calls_are_the_calls_segment_makes():
   assert seen == collections.Counter({(n, h, w): c for (h, w, n), c in expected.items()})
 
 
-def test_max_batch_is_the_largest_that_fits(monkeypatch):
-  devices = aot.slice_devices(aot.parse_slice("v5e-8"))
-  chip = aot.CHIPS["v5e"]
+def _fake_steps(monkeypatch, chip, gib_per_chip):
   compiled = []
 
   def fake_step(config, devices, batch, chip):
     per_chip = batch // 8
     compiled.append(per_chip)
-    total = int((1.5 + 0.9 * per_chip) * 2 ** 30)  # 16 GiB hold 16 per chip
+    gib = gib_per_chip(per_chip)
+    total = int((gib or chip.hbm_gib + 1) * 2 ** 30)
     return aot.Program(f"train step, batch {batch} ({per_chip} per chip)", 0.0,
-                       fits=total <= chip.hbm_gib * 2 ** 30, total=total)
+                       fits=gib is not None, total=total)
 
   monkeypatch.setattr(aot, "train_step_program", fake_step)
-  best, tried = aot.max_batch_per_chip(quickstart.get_config(), devices, chip)
-  assert best == 16 and {16, 17} <= set(compiled) and len(compiled) <= 5
+  return compiled
+
+
+def test_max_batch_is_the_largest_that_fits(monkeypatch):
+  devices = aot.slice_devices(aot.parse_slice("v5e-8"))
+  chip, config = aot.CHIPS["v5e"], quickstart.get_config()
+  linear = lambda n: 1.5 + 0.9 * n if 1.5 + 0.9 * n <= 16 else None  # noqa: E731
+  compiled = _fake_steps(monkeypatch, chip, linear)
+  best, tried = aot.max_batch_per_chip(config, devices, chip)
+  assert best == 16 and compiled == [1, 2, 16, 17] and len(tried) == 4
+
+  compiled.clear()  # a start at the answer: two compiles
+  assert aot.max_batch_per_chip(config, devices, chip, hint=16)[0] == 16
+  assert compiled == [16, 17]
+  compiled.clear()  # too high a start gallops down
+  assert aot.max_batch_per_chip(config, devices, chip, hint=40)[0] == 16
+  assert compiled[:3] == [40, 39, 37] and 16 in compiled and 17 in compiled
+  compiled.clear()
+  assert aot.max_batch_per_chip(config, devices, chip, hint=40, limit=12)[0] == 12
+  assert compiled == [12]
+
+  # Near the HBM the compiler rematerialises: memory stops growing, more still fits.
+  plateau = lambda n: min(1.5 + 0.9 * n, 15.5) if n <= 45 else None  # noqa: E731
+  compiled = _fake_steps(monkeypatch, chip, plateau)
+  assert aot.max_batch_per_chip(config, devices, chip)[0] == 45
+  assert len(compiled) <= 12 and {45, 46} <= set(compiled)
+  nothing = _fake_steps(monkeypatch, chip, lambda n: None)
+  assert aot.max_batch_per_chip(config, devices, chip)[0] == 0 and nothing == [1]
+  assert aot.max_batch_per_chip(config, devices, chip, hint=5)[0] == 0
 
 
 def _aot(*args, block_libtpu=False):
@@ -165,6 +191,7 @@ def _aot(*args, block_libtpu=False):
     (["--topology", "v5e-8", "--batch", "12"], "train.batch_size=12 is not divisible"),
     (["--topology", "v5e-8", "--config.model.attention_impl=cudnn",
       "--config.model.dtype=bfloat16"], "model.attention_impl='cudnn' is for NVIDIA GPUs"),
+    (["--topology", "v5e-8", "--max_batch_hint=4"], "--max_batch_hint needs --max_batch"),
 ])
 def test_mistakes_get_one_line_and_exit_2(args, message):
   proc = _aot("--config", "quickstart", "--noeval", *args)
@@ -230,18 +257,37 @@ def test_a_new_row_compiles_its_step_once_for_the_table_and_the_max_batch(tmp_pa
   calls = []
 
   def fake_aot(row, topology, out, *extra):
-    calls.append(extra)
-    report = dict(programs=[dict(name="train step, batch 8 (2 per chip)", fits=True)],
+    calls.append((row, topology) + extra)
+    programs = [dict(name="train step, batch 8 (2 per chip)", fits=True, total=2 ** 33,
+                     flops=1e12, temporaries=2 ** 32, mfu_bound=0.2, compile_s=100.0)]
+    report = dict(programs=[] if "--notrain" in extra else programs, remat=False,
+                  chip=dict(aot.CHIPS[topology.split("-")[0]].__dict__),
                   max_batch_per_chip=5 if "--max_batch" in extra else None)
     out.write_text(json.dumps(report))
     return report
 
   monkeypatch.setattr(tpu_table, "OUT", tmp_path)
   monkeypatch.setattr(tpu_table, "_aot", fake_aot)
-  tpu_table.compile_row("row", "v4-8", max_batch=True)
-  tpu_table.compile_row("row", "v4-8", max_batch=True)  # resumed: nothing left to compile
-  assert calls == [("--max_batch",)]
-  assert json.loads((tmp_path / "v4-8" / "row.max_batch.json").read_text())[
+  a, b = "segmenter_vit_b16_512_160k_ade20k", "segmenter_vit_b16_512_40k_coco_stuff10k"
+  tpu_table.compile_row(a, "v4-8", max_batch=True)
+  tpu_table.compile_row(a, "v4-8", max_batch=True)  # resumed: nothing left to compile
+  assert calls == [(a, "v4-8", "--max_batch")]
+  assert json.loads((tmp_path / "v4-8" / f"{a}.max_batch.json").read_text())[
       "max_batch_per_chip"] == 5
-  assert (tmp_path / "v4-8" / "row.json").exists()
+  assert (tmp_path / "v4-8" / f"{a}.json").exists()
   assert not list((tmp_path / "v4-8").glob("*.tmp"))
+
+  # A row compiled before the search: the search alone, from its most similar row's answer
+  # (here the same row on a slice of half the HBM).
+  calls.clear()
+  (tmp_path / "v5e-8").mkdir()
+  (tmp_path / "v5e-8" / f"{a}.json").write_text(
+      (tmp_path / "v4-8" / f"{a}.json").read_text())
+  tpu_table.compile_row(a, "v5e-8", max_batch=True)
+  assert calls == [(a, "v5e-8", "--noeval", "--notrain", "--max_batch",
+                    "--max_batch_hint=2", "--config.model.remat=False")]
+  assert tpu_table.max_batch_hint(b, "v4-8") == 5  # this slice's breaks the tie
+  assert tpu_table.max_batch_hint(a, "v6e-8") == 5
+  # The table's step is the row's own where the search compiled none.
+  line = next(l for l in tpu_table.render(["v5e-8"]).splitlines() if l.startswith(f"| {a} |"))
+  assert "| 5 |" in line and "pending" not in line
