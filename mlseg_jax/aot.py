@@ -31,11 +31,10 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from typing import Any, Sequence
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from mlseg_jax import errors
