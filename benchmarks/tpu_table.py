@@ -51,8 +51,10 @@ def _aot(row: str, topology: str, out: pathlib.Path, *extra: str) -> dict | None
   cmd = [sys.executable, "-m", "mlseg_jax.aot", "--config", f"configs/{row}.py",
          "--topology", topology, "--json", str(out), "--config.model.dtype=bfloat16", *extra]
   print("+", " ".join(cmd[1:]), flush=True)
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-  print(proc.stdout[-3000:], proc.stderr[-2000:] if proc.returncode else "", flush=True)
+  # stdout as it comes (a search says each compile); stderr, noisy, only on failure.
+  proc = subprocess.run(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+  if proc.returncode:
+    print(proc.stderr[-2000:], flush=True)
   if proc.returncode or not out.exists():
     return None
   report = dict(json.loads(out.read_text()), commit=_commit())

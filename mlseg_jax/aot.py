@@ -402,7 +402,11 @@ def max_batch_per_chip(config, devices, chip: Chip, first: Program | None = None
 
   def fits(b: int) -> bool:
     if b not in tried:
-      tried[b] = train_step_program(config, devices, b * dp, chip)
+      p = tried[b] = train_step_program(config, devices, b * dp, chip)
+      # A search is many compiles of minutes each: say where it is.
+      print(f"max batch: {b} per chip {'fits' if p.fits else 'does not fit'} "
+            f"({p.total / 2 ** 30:.2f} of {chip.hbm_gib:g} GiB), compiled in "
+            f"{p.compile_s:.0f} s", flush=True)
     return tried[b].fits
 
   def done(best: int) -> tuple[int, list[Program]]:
