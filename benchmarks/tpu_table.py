@@ -63,11 +63,11 @@ def _aot(row: str, topology: str, out: pathlib.Path, *extra: str) -> dict | None
 
 
 def _step(report: dict) -> dict | None:
-  """The training step at the config's batch, where the report compiled one."""
-  if "train_batch" in report:
-    name = f"train step, batch {report['train_batch']} ("
-  else:
-    name = "train step"
+  """The training step at the config's batch, where the report compiled one (a search
+  alone, `--notrain`, compiled only other batches)."""
+  if "train_batch" not in report:
+    return None
+  name = f"train step, batch {report['train_batch']} ("
   return next((p for p in report["programs"] if p["name"].startswith(name)), None)
 
 

@@ -260,9 +260,12 @@ def test_a_new_row_compiles_its_step_once_for_the_table_and_the_max_batch(tmp_pa
     calls.append((row, topology) + extra)
     programs = [dict(name="train step, batch 8 (2 per chip)", fits=True, total=2 ** 33,
                      flops=1e12, temporaries=2 ** 32, mfu_bound=0.2, compile_s=100.0)]
-    report = dict(programs=[] if "--notrain" in extra else programs, remat=False,
+    searched = [dict(programs[0], name="train step, batch 40 (5 per chip)", flops=5e12)]
+    report = dict(programs=searched if "--notrain" in extra else programs, remat=False,
                   chip=dict(aot.CHIPS[topology.split("-")[0]].__dict__),
                   max_batch_per_chip=5 if "--max_batch" in extra else None)
+    if "--notrain" not in extra:
+      report["train_batch"] = 8
     out.write_text(json.dumps(report))
     return report
 
@@ -290,4 +293,4 @@ def test_a_new_row_compiles_its_step_once_for_the_table_and_the_max_batch(tmp_pa
   assert tpu_table.max_batch_hint(a, "v6e-8") == 5
   # The table's step is the row's own where the search compiled none.
   line = next(l for l in tpu_table.render(["v5e-8"]).splitlines() if l.startswith(f"| {a} |"))
-  assert "| 5 |" in line and "pending" not in line
+  assert "| 5 | 1000 |" in line and "pending" not in line
