@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -71,6 +72,12 @@ def _step(report: dict) -> dict | None:
   return next((p for p in report["programs"] if p["name"].startswith(name)), None)
 
 
+def _words(row: str) -> set[str]:
+  """A row's name as words, its dataset one word: COCO-Stuff is not half COCO+LVIS."""
+  m = re.fullmatch(r"(.*)_(\d+k)_(.*)", row)
+  return set(m.group(1).split("_")) | {m.group(2), m.group(3)} if m else set(row.split("_"))
+
+
 def max_batch_hint(row: str, topology: str) -> int | None:
   """Where to start `row`'s search: the answer of the searched row sharing the most of its
   name (method, backbone, crop, schedule, dataset; this slice breaks ties), the answer
@@ -78,14 +85,14 @@ def max_batch_hint(row: str, topology: str) -> int | None:
   do: MLSeg's B/16 ADE20K row takes 26 per chip on v5e-8 and Segmenter's 45."""
   from mlseg_jax import aot
 
-  words, hbm = set(row.split("_")), aot.parse_slice(topology).chip.hbm_gib
+  words, hbm = _words(row), aot.parse_slice(topology).chip.hbm_gib
   best = None
   for path in sorted(OUT.glob("*/*.max_batch.json")):
     other, slice_name = path.name[:-len(".max_batch.json")], path.parent.name
     found = json.loads(path.read_text())
     if (other, slice_name) == (row, topology) or not found.get("max_batch_per_chip"):
       continue
-    score = (len(words & set(other.split("_"))), slice_name == topology,
+    score = (len(words & _words(other)), slice_name == topology,
              -abs(found["chip"]["hbm_gib"] - hbm))
     if best is None or score > best[0]:
       best = score, found

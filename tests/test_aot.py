@@ -291,6 +291,8 @@ def test_a_new_row_compiles_its_step_once_for_the_table_and_the_max_batch(tmp_pa
                     "--max_batch_hint=2", "--config.model.remat=False")]
   assert tpu_table.max_batch_hint(b, "v4-8") == 5  # this slice's breaks the tie
   assert tpu_table.max_batch_hint(a, "v6e-8") == 5
+  assert tpu_table._words("segmenter_vit_b16_512_320k_coco_lvis") & tpu_table._words(b) == {
+      "segmenter", "vit", "b16", "512"}
   # The table's step is the row's own where the search compiled none.
   line = next(l for l in tpu_table.render(["v5e-8"]).splitlines() if l.startswith(f"| {a} |"))
   assert "| 5 | 1000 |" in line and "pending" not in line
