@@ -102,15 +102,19 @@ def max_batch_hint(row: str, topology: str) -> int | None:
   return max(1, int(found["max_batch_per_chip"] * hbm / found["chip"]["hbm_gib"]))
 
 
+def _search(row: str, topology: str) -> tuple[str, ...]:
+  """The flags of a max-batch search, from what is searched so far."""
+  hint = max_batch_hint(row, topology)
+  return ("--max_batch",) + ((f"--max_batch_hint={hint}",) if hint else ())
+
+
 def compile_row(row: str, topology: str, max_batch: bool) -> None:
   folder = OUT / topology
   folder.mkdir(parents=True, exist_ok=True)
   path = folder / f"{row}.json"
   best = folder / f"{row}.max_batch.json"
-  hint = max_batch_hint(row, topology) if max_batch else None
-  search = (("--max_batch",) + ((f"--max_batch_hint={hint}",) if hint else ())
-            if max_batch else ())
   if not path.exists():
+    search = _search(row, topology) if max_batch else ()
     report = _aot(row, topology, path.with_suffix(".tmp"), *search)
     if report is not None and not _step(report)["fits"]:
       report = _aot(row, topology, path.with_suffix(".tmp"), "--config.model.remat=True",
@@ -124,7 +128,7 @@ def compile_row(row: str, topology: str, max_batch: bool) -> None:
   if max_batch and not best.exists():
     tmp = best.with_suffix(".tmp")
     # The step at batch 8 is in the row's report already.
-    if _aot(row, topology, tmp, "--noeval", "--notrain", *search,
+    if _aot(row, topology, tmp, "--noeval", "--notrain", *_search(row, topology),
             f"--config.model.remat={report['remat']}") is not None:
       tmp.rename(best)
 

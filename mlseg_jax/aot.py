@@ -199,8 +199,28 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   return found
 
 
+# The TPU compiler's two ways of saying a program does not fit: the whole program's use,
+# or (caught earlier, so sooner) its temporaries' alone.
 _OOM_RE = re.compile(r"Used ([0-9.]+)([KMGT]) of ([0-9.]+)([KMGT]) hbm", re.IGNORECASE)
+_OOM_TEMP_RE = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)", re.IGNORECASE)
 _UNIT = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def _bytes(m: re.Match) -> int:
+  return int(float(m.group(1)) * _UNIT[m.group(2).upper()])
+
+
+def argument_bytes(args: Sequence[Any]) -> int:
+  """HBM per chip the arguments take: each leaf's shard on one device."""
+  import jax
+  import numpy as np
+
+  def per_chip(a) -> int:
+    sharding = getattr(a, "sharding", None)
+    shape = sharding.shard_shape(a.shape) if sharding is not None else a.shape
+    return math.prod(shape) * np.dtype(a.dtype).itemsize
+
+  return sum(per_chip(a) for a in jax.tree_util.tree_leaves(args))
 
 
 @dataclasses.dataclass
@@ -229,18 +249,24 @@ class Program:
 
 def compile_program(name: str, jitted, args: Sequence[Any], chip: Chip) -> Program:
   """`jitted.lower(*args).compile()` for the slice of `args`' shardings, analysed; a
-  program the chip's HBM cannot hold is reported (fits=False), with what it would use."""
+  program the chip's HBM cannot hold is reported (fits=False), with what it would use (at
+  least: where the compiler stopped at the temporaries, they and the arguments)."""
   start = time.perf_counter()
   try:
     compiled = jitted.lower(*args).compile()
   except Exception as e:  # noqa: BLE001 -- XLA raises its runtime error type, per version.
     text = str(e)
-    m = _OOM_RE.search(text)
-    if "RESOURCE_EXHAUSTED" not in text and not m:
+    used, temps = _OOM_RE.search(text), _OOM_TEMP_RE.search(text)
+    if "RESOURCE_EXHAUSTED" not in text and not used:
       raise
-    used = float(m.group(1)) * _UNIT[m.group(2).upper()] if m else 0
-    return Program(name, time.perf_counter() - start, fits=False, total=int(used),
-                   error=text.strip().splitlines()[0][:300])
+    p = Program(name, time.perf_counter() - start, fits=False,
+                error=text.strip().splitlines()[0][:300])
+    if used:
+      p.total = _bytes(used)
+    elif temps:
+      p.arguments, p.temporaries = argument_bytes(args), _bytes(temps)
+      p.total = p.arguments + p.temporaries
+    return p
   seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}

@@ -64,6 +64,39 @@ def test_collectives_are_counted_with_their_result_bytes():
       "reduce-scatter": {"count": 1, "bytes": 16}}
 
 
+def test_a_program_that_does_not_fit_says_by_how_much():
+  s = aot.parse_slice("v5e:2x2")
+  mesh = jax.sharding.Mesh(np.array(aot.slice_devices(s)), ("d",))
+  f = jax.jit(lambda x, w: jnp.sort(jnp.einsum("bi,j->bij", x, w), axis=1))
+
+  def args(n):
+    spec = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))  # noqa: E731
+    return [jax.ShapeDtypeStruct((64, n), jnp.float32, sharding=spec("d")),
+            jax.ShapeDtypeStruct((n,), jnp.bfloat16, sharding=spec())]
+
+  fits = aot.compile_program("small", f, args(256), s.chip)
+  assert fits.fits and fits.arguments == aot.argument_bytes(args(256)) == 16 * 256 * 4 + 512
+  # The compiler stops at the temporaries (16 x 16384^2 floats per chip, and the sort's):
+  # they and the arguments are what the program needs at least.
+  big = aot.compile_program("big", f, args(16384), s.chip)
+  assert not big.fits and big.temporaries >= 16 * 16384 ** 2 * 4
+  assert big.total == big.temporaries + aot.argument_bytes(args(16384))
+  over = (big.total - 16 * 2 ** 30) / 2 ** 30
+  assert over > 0 and f"over by {over:.2f} GiB" in aot.format_table(s, [fits, big])
+
+  class Near:  # close to the HBM the compiler reports the whole program's use instead
+    def lower(self, *args):
+      return self
+
+    def compile(self):
+      raise RuntimeError("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile "
+                         "permanent error. Ran out of memory in memory space hbm. Used "
+                         "15.80G of 15.75G hbm. Exceeded hbm capacity by 51.97M.")
+
+  near = aot.compile_program("near", Near(), [], s.chip)
+  assert not near.fits and near.total == int(15.80 * 2 ** 30)
+
+
 def _tiny_quickstart():
   config = quickstart.get_config()
   config.unlock()
@@ -273,7 +306,10 @@ def test_a_new_row_compiles_its_step_once_for_the_table_and_the_max_batch(tmp_pa
   monkeypatch.setattr(tpu_table, "_aot", fake_aot)
   a, b = "segmenter_vit_b16_512_160k_ade20k", "segmenter_vit_b16_512_40k_coco_stuff10k"
   tpu_table.compile_row(a, "v4-8", max_batch=True)
-  tpu_table.compile_row(a, "v4-8", max_batch=True)  # resumed: nothing left to compile
+  hint = tpu_table.max_batch_hint
+  monkeypatch.setattr(tpu_table, "max_batch_hint", None)  # resumed: nothing searched again
+  tpu_table.compile_row(a, "v4-8", max_batch=True)
+  monkeypatch.setattr(tpu_table, "max_batch_hint", hint)
   assert calls == [(a, "v4-8", "--max_batch")]
   assert json.loads((tmp_path / "v4-8" / f"{a}.max_batch.json").read_text())[
       "max_batch_per_chip"] == 5
