@@ -10,18 +10,20 @@ again with `model.remat=True`, and the table says which setting it needs. `--max
 adds the largest batch per chip (`<row>.max_batch.json`): in the same process as the row's
 first compile when the row is new, so the step at batch 8 is compiled once, and then the
 table takes the step's numbers from the search (compiled at its commit). The search starts
-from the answer of the most similar row already searched (on this slice, else scaled by
-the chips' HBM from another): a close start costs two compiles, a far one a few more,
-never a different answer. Each JSON records the commit it was compiled at. Results
-already on disk are kept, so an interrupted run resumes where it stopped; `--render`
-rewrites the table between the markers in `benchmarks/README.md` from whatever is there,
-rows not yet compiled marked pending.
+from what the rows already searched predict (`max_batch_hint`): a close start costs two
+compiles, a far one a few more, never a different answer. Each JSON records the commit it
+was compiled at. Results already on disk are kept, so an interrupted run resumes where it
+stopped; `--render` rewrites the table between the markers in `benchmarks/README.md` from
+whatever is there, rows not yet compiled marked pending.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
+import math
 import pathlib
 import re
 import subprocess
@@ -72,34 +74,95 @@ def _step(report: dict) -> dict | None:
   return next((p for p in report["programs"] if p["name"].startswith(name)), None)
 
 
-def _words(row: str) -> set[str]:
-  """A row's name as words, its dataset one word: COCO-Stuff is not half COCO+LVIS."""
-  m = re.fullmatch(r"(.*)_(\d+k)_(.*)", row)
-  return set(m.group(1).split("_")) | {m.group(2), m.group(3)} if m else set(row.split("_"))
+_ROW = re.compile(r"(.*)_vit_([a-z]\d+)_(\d+)_\d+k_(.*)")
+
+
+def _model(row: str) -> tuple[str, ...]:
+  """(method, backbone, crop, dataset) of a row: what its training step is made of (the
+  schedule's length is not)."""
+  m = _ROW.fullmatch(row)
+  return m.groups() if m else (row, "", "", "")
+
+
+def _searched(row: str, topology: str) -> dict[tuple[str, ...], float]:
+  """{model: largest batch per chip} of the rows searched so far, in chips of `topology`'s
+  HBM: this slice's answer where it has one, else the nearest slice's scaled by HBM."""
+  from mlseg_jax import aot
+
+  hbm = aot.parse_slice(topology).chip.hbm_gib
+  found: dict[tuple[str, ...], tuple[tuple, float]] = {}
+  for path in sorted(OUT.glob("*/*.max_batch.json")):
+    other, slice_name = path.name[:-len(".max_batch.json")], path.parent.name
+    report = json.loads(path.read_text())
+    if (other, slice_name) == (row, topology) or not report.get("max_batch_per_chip"):
+      continue
+    rank = (slice_name != topology, abs(report["chip"]["hbm_gib"] - hbm))
+    value = report["max_batch_per_chip"] * hbm / report["chip"]["hbm_gib"]
+    key = _model(other)
+    if key not in found or rank < found[key][0]:
+      found[key] = rank, value
+  return {k: v for k, (_, v) in found.items()}
+
+
+def _ratio(known: dict, i: int, old: str, new: str, like: tuple) -> float | None:
+  """How the answer changes when part `i` of a model goes from `old` to `new`, from two
+  searched models that differ in that part alone (the pair most like `like`)."""
+  pairs = []
+  for x, value in known.items():
+    y = x[:i] + (new,) + x[i + 1:]
+    if x[i] == old and y in known:
+      pairs.append((sum(a == b for a, b in zip(x, like)), known[y] / value))
+  return max(pairs)[1] if pairs else None
+
+
+@functools.cache
+def _classes(dataset: str) -> int:
+  row = next(r for r in rows() if _model(r)[3] == dataset)
+  return importlib.import_module(f"mlseg_jax.configs.{row}").get_config().model.num_classes
+
+
+def _distance(i: int, old: str, new: str) -> float:
+  """How far apart two values of part `i` of a model are, where no searched pair tells
+  how the answer changes between them: crops and class counts by their log ratio,
+  methods by the words they do not share."""
+  if i == 0:
+    a, b = set(old.split("_")), set(new.split("_"))
+    return 1 - len(a & b) / len(a | b)
+  if i == 2:
+    return abs(math.log(int(old) / int(new)))
+  if i == 3:
+    return abs(math.log(_classes(old) / _classes(new)))
+  return 1.0
 
 
 def max_batch_hint(row: str, topology: str) -> int | None:
-  """Where to start `row`'s search: the answer of the searched row sharing the most of its
-  name (method, backbone, crop, schedule, dataset; this slice breaks ties), the answer
-  scaled by the chips' HBM where it is another slice's. Siblings differ more than slices
-  do: MLSeg's B/16 ADE20K row takes 26 per chip on v5e-8 and Segmenter's 45."""
-  from mlseg_jax import aot
-
-  words, hbm = _words(row), aot.parse_slice(topology).chip.hbm_gib
-  best = None
-  for path in sorted(OUT.glob("*/*.max_batch.json")):
-    other, slice_name = path.name[:-len(".max_batch.json")], path.parent.name
-    found = json.loads(path.read_text())
-    if (other, slice_name) == (row, topology) or not found.get("max_batch_per_chip"):
-      continue
-    score = (len(words & _words(other)), slice_name == topology,
-             -abs(found["chip"]["hbm_gib"] - hbm))
-    if best is None or score > best[0]:
-      best = score, found
-  if best is None:
+  """Where to start `row`'s search: a searched model's answer, corrected for each part
+  (method, backbone, crop, dataset) in which it differs from `row`'s by the ratio two
+  searched models differing in that part alone show (a crop no pair covers, by its
+  pixels). The models with the fewest uncorrected parts, the nearest in those, then the
+  fewest corrected, are averaged. Parts matter unequally, so words shared do not do: on v5e-8, B/16 ADE20K
+  takes 45 per chip for Segmenter and 26 for MLSeg, MLSeg-GT 45 on ADE20K and 13 on
+  ADE20K-Full."""
+  known = _searched(row, topology)
+  target = _model(row)
+  scored = []
+  for model, value in known.items():
+    uncorrected, corrected, distance = 0, 0, 0.0
+    for i, (old, new) in enumerate(zip(model, target)):
+      if old != new:
+        ratio = _ratio(known, i, old, new, target)
+        if ratio is None:
+          uncorrected, distance = uncorrected + 1, distance + _distance(i, old, new)
+          if i == 2:  # activations grow with the pixels of the crop
+            value *= (int(old) / int(new)) ** 2
+        else:
+          value, corrected = value * ratio, corrected + 1
+    scored.append(((uncorrected, round(distance, 6), corrected), value))
+  if not scored:
     return None
-  found = best[1]
-  return max(1, int(found["max_batch_per_chip"] * hbm / found["chip"]["hbm_gib"]))
+  best = min(score for score, _ in scored)
+  values = [v for score, v in scored if score == best]
+  return max(1, round(sum(values) / len(values)))
 
 
 def _search(row: str, topology: str) -> tuple[str, ...]:

@@ -327,8 +327,37 @@ def test_a_new_row_compiles_its_step_once_for_the_table_and_the_max_batch(tmp_pa
                     "--max_batch_hint=2", "--config.model.remat=False")]
   assert tpu_table.max_batch_hint(b, "v4-8") == 5  # this slice's breaks the tie
   assert tpu_table.max_batch_hint(a, "v6e-8") == 5
-  assert tpu_table._words("segmenter_vit_b16_512_320k_coco_lvis") & tpu_table._words(b) == {
-      "segmenter", "vit", "b16", "512"}
   # The table's step is the row's own where the search compiled none.
   line = next(l for l in tpu_table.render(["v5e-8"]).splitlines() if l.startswith(f"| {a} |"))
   assert "| 5 | 1000 |" in line and "pending" not in line
+
+
+def test_a_search_starts_from_what_the_rows_searched_predict(tmp_path, monkeypatch):
+  from benchmarks import tpu_table
+
+  monkeypatch.setattr(tpu_table, "OUT", tmp_path)
+  (tmp_path / "v5e-8").mkdir()
+
+  def searched(row, best, topology="v5e-8"):
+    (tmp_path / topology / f"{row}.max_batch.json").write_text(json.dumps(
+        dict(max_batch_per_chip=best, chip=dict(aot.CHIPS[topology.split("-")[0]].__dict__))))
+
+  searched("segmenter_vit_b16_512_160k_ade20k", 45)
+  searched("segmenter_mlseg_vit_b16_512_160k_ade20k", 26)
+  searched("segmenter_mlseg_gt_vit_b16_512_160k_ade20k", 45)
+  searched("segmenter_mlseg_gt_vit_b16_512_160k_ade20k_full", 13)
+  searched("segmenter_mlseg_gt_vit_b16_512_320k_coco_lvis", 9)
+  hint = lambda row, topology="v5e-8": tpu_table.max_batch_hint(row, topology)  # noqa: E731
+  # A part two searched rows differ in alone scales the answer by their ratio.
+  assert hint("segmenter_vit_b16_512_160k_ade20k_full") == 13
+  assert hint("segmenter_mlseg_vit_b16_512_160k_ade20k_full") == round(26 * 13 / 45)
+  # Else the nearest: a method by its words, a dataset by its classes, a crop by pixels.
+  assert hint("segmenter_mlseg_oce_vit_b16_512_160k_ade20k") == 26
+  assert hint("segmenter_mlseg_oce_vit_b16_512_160k_ade20k_full") == round(26 * 13 / 45)
+  assert hint("segmenter_mlseg_gt_vit_b16_512_40k_coco_stuff10k") == 45  # 171 classes, not 1284
+  assert hint("segmenter_vit_b16_640_320k_coco_lvis") == round(9 * (512 / 640) ** 2)
+  # Another slice's by HBM; the schedule's length changes nothing.
+  assert hint("segmenter_vit_b16_512_160k_ade20k", "v4-8") == 90
+  searched("segmenter_vit_b16_512_40k_coco_stuff10k", 44)
+  assert hint("segmenter_vit_b16_512_80k_coco_stuff10k") == 44
+  assert hint("segmenter_vit_b16_512_160k_ade20k") == 44  # not its own answer: a new search
