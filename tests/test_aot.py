@@ -361,3 +361,10 @@ def test_a_search_starts_from_what_the_rows_searched_predict(tmp_path, monkeypat
   searched("segmenter_vit_b16_512_40k_coco_stuff10k", 44)
   assert hint("segmenter_vit_b16_512_80k_coco_stuff10k") == 44
   assert hint("segmenter_vit_b16_512_160k_ade20k") == 44  # not its own answer: a new search
+  # A ratio carried from other models is taken from the nearest: MLSeg on COCO-Stuff from
+  # MLSeg on ADE20K (150 classes, not COCO+LVIS's 1,284) by the mean ADE20K -> COCO-Stuff
+  # ratio of the models searched on both.
+  searched("segmenter_mlseg_gt_vit_b16_512_40k_coco_stuff10k", 42)
+  searched("segmenter_mlseg_vit_b16_512_320k_coco_lvis", 28)
+  assert hint("segmenter_mlseg_vit_b16_512_40k_coco_stuff10k") == round(
+      26 * (42 / 45 + 44 / 45) / 2)
