@@ -672,6 +672,14 @@ class _TrainingRun:
         self._start_save(force=True)
       self.wait_for_save()
     except Exception as failed:  # E.g. the failed step had consumed its donated state.
+      refused = (error if isinstance(error, errors.FilesystemError)
+                 else errors.filesystem_error(error))
+      if (refused is not None and isinstance(failed, errors.FilesystemError)
+          and failed.errno == refused.errno):
+        # One refusal (a full disk) met by another write first and by the checkpoint in
+        # flight: the checkpoint's line names the step lost and the last complete one.
+        self.close()
+        raise failed from error
       logging.error("could not save the interrupted state (%s); the last checkpoint is "
                     "step %s", errors.filesystem_error(failed) or failed,
                     self.mngr.latest_step())
