@@ -144,9 +144,9 @@ def max_batch_hint(row: str, topology: str) -> int | None:
   (method, backbone, crop, dataset) in which it differs from `row`'s by the ratio two
   searched models differing in that part alone show (a crop no pair covers, by its
   pixels). The models with the fewest uncorrected parts, the nearest in those, then the
-  nearest in the corrected ones, are averaged. Parts matter unequally, so words shared do not do: on v5e-8, B/16 ADE20K
-  takes 45 per chip for Segmenter and 26 for MLSeg, MLSeg-GT 45 on ADE20K and 13 on
-  ADE20K-Full."""
+  nearest in the corrected ones, are averaged. Parts matter unequally, so words shared
+  do not do: on v5e-8, B/16 ADE20K takes 45 per chip for Segmenter and 26 for MLSeg,
+  MLSeg-GT 45 on ADE20K and 13 on ADE20K-Full."""
   known = _searched(row, topology)
   target = _model(row)
   scored = []
