@@ -135,11 +135,28 @@ def _give_up(writer) -> None:
     event_writer._closed = True
     worker = getattr(event_writer, "_worker", None)
     if worker is not None and worker.is_alive():
+      # The events still queued (up to 10) go nowhere: else they hold the queue full, the
+      # stop signal cannot get in, and the thread, left alive, dies at exit on the closed
+      # queue with a traceback.
+      worker._record_writer = _Discard()
       try:
-        event_writer._event_queue.put_nowait(worker._shutdown_signal)
+        event_writer._event_queue.put(worker._shutdown_signal, timeout=5)
         worker.join(timeout=5)
-      except Exception:  # noqa: BLE001  (a full queue: the daemon thread dies with us)
+      except Exception:  # noqa: BLE001  (a queue still full: the daemon dies with us)
         pass
+
+
+class _Discard:
+  """An event writer that writes nothing: for a worker thread given up."""
+
+  def write_event(self, event):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
 
 
 def open_tracker(config: ml_collections.ConfigDict, workdir, *, job_type: str = "train",

@@ -672,8 +672,7 @@ class _TrainingRun:
         self._start_save(force=True)
       self.wait_for_save()
     except Exception as failed:  # E.g. the failed step had consumed its donated state.
-      refused = (error if isinstance(error, errors.FilesystemError)
-                 else errors.filesystem_error(error))
+      refused = errors.filesystem_error(error)
       if (refused is not None and isinstance(failed, errors.FilesystemError)
           and failed.errno == refused.errno):
         # One refusal (a full disk) met by another write first and by the checkpoint in

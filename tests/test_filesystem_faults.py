@@ -31,17 +31,33 @@ TRAINING = ["--config", "configs/quickstart.py", *TINY, "--config.train.log_ever
 
 # The training process with its checkpoint array writes failing, for step FAIL_STEP only,
 # as a full disk fails them (run as `python -c`, then the command line as usual).
+# With TENSORBOARD_TOO set, the disk is full for TensorBoard as well from that save on, and
+# the save's failure waits until TensorBoard has met it: the order a real full disk gives
+# when the next step's scalars are written before the background save fails.
 _FULL_DISK = r"""
-import errno, json, os, re, runpy, sys
+import asyncio, errno, json, os, re, runpy, sys, threading
 from orbax.checkpoint._src.serialization import serialization
 write, step = serialization.async_serialize_from_host, os.environ["FAIL_STEP"]
+started, refused = threading.Event(), threading.Event()
 async def full_disk(replica_slices, spec, *args, **kwargs):
   text = json.dumps(spec, default=str)
   where = re.search(r"[^\"']*/" + step + r"\.orbax-checkpoint-tmp[^\"']*", text)
   if where:
+    started.set()
+    if os.environ.get("TENSORBOARD_TOO"):
+      await asyncio.to_thread(refused.wait, 120)
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), where.group(0))
   return await write(replica_slices, spec, *args, **kwargs)
 serialization.async_serialize_from_host = full_disk
+if os.environ.get("TENSORBOARD_TOO"):
+  from tensorboardX import event_file_writer
+  flush = event_file_writer.EventsWriter.flush
+  def full(self):
+    if not started.is_set():
+      return flush(self)
+    refused.set()
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  event_file_writer.EventsWriter.flush = full
 sys.argv[0] = "mlseg_jax.main"
 runpy.run_module("mlseg_jax.main", run_name="__main__", alter_sys=True)
 """
@@ -80,12 +96,14 @@ errors.run(main)
 """
 
 
-def _run(*args, module="mlseg_jax.main", fail_step=None):
+def _run(*args, module="mlseg_jax.main", fail_step=None, tensorboard_too=False):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   command = [sys.executable, "-m", module]
   if fail_step is not None:
     env["FAIL_STEP"] = str(fail_step)
+    if tensorboard_too:
+      env["TENSORBOARD_TOO"] = "1"
     command = [sys.executable, "-c", _FULL_DISK]
   return subprocess.run([*command, *map(str, args)], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
@@ -217,6 +235,14 @@ def test_a_failed_save_stops_training_and_the_rerun_resumes(tmp_path, background
   _assert_stopped_at_last_complete_checkpoint(proc, workdir, synchronous=not background)
   if background:  # The same checkpoint either way; one resume shows it restores.
     _resumes(workdir)
+
+
+def test_a_full_disk_met_first_by_tensorboard_ends_in_the_checkpoints_line(tmp_path):
+  # TensorBoard's refusal stops the step; the save in flight, failed too, names what is lost.
+  workdir = tmp_path / "run"
+  proc = _run(*TRAINING, "--workdir", workdir, fail_step=FAILS_AT, tensorboard_too=True)
+  _assert_stopped_at_last_complete_checkpoint(proc, workdir, synchronous=False)
+  assert "could not save the interrupted state" not in proc.stderr
 
 
 def test_tensorboard_that_cannot_flush_is_one_line(tmp_path):

@@ -120,3 +120,36 @@ def test_logging_fields_are_checked():
     validate_config(config, num_devices=1)
   assert "logging.wandb_mode='offlne' must be one of" in str(raised.value)
   assert "logging.tensorboard_images=-1" in str(raised.value)
+
+
+def test_a_tensorboard_writer_given_up_with_its_queue_full_stops_its_thread(tmp_path,
+                                                                             monkeypatch):
+  # A disk that refuses the flush while the writer's thread is behind (its queue of 10
+  # full): the thread must end, else it dies at exit on the closed queue with a traceback.
+  import threading
+  import time
+
+  from tensorboardX import event_file_writer
+
+  from mlseg_jax.tensorboard import open_summary_writer
+
+  write, flush = event_file_writer.EventsWriter.write_event, event_file_writer.EventsWriter.flush
+
+  def slow(self, event):
+    time.sleep(0.05)
+    return write(self, event)
+
+  def full(self):
+    if threading.current_thread() is threading.main_thread():
+      raise OSError(28, "No space left on device")
+    return flush(self)
+
+  monkeypatch.setattr(event_file_writer.EventsWriter, "write_event", slow)
+  monkeypatch.setattr(event_file_writer.EventsWriter, "flush", full)
+  writer = open_summary_writer(tmp_path / "tensorboard")
+  worker = next(iter(writer.all_writers.values())).event_writer._worker
+  tracker = tracking.Tracker(writer)
+  with pytest.raises(errors.FilesystemError, match="no space left on device"):
+    tracker.scalars(1, {f"scalar_{i}": 1.0 for i in range(30)})
+  assert not worker.is_alive()
+  tracker.close()  # Writes nothing more, raises nothing.
