@@ -373,6 +373,18 @@ class Evaluations:
     previous = self.best_step
     self.scalars[step] = {k: float(v) for k, v in scalars.items()}
     self._update_best()
+    self._write(checkpoints)
+    return self.best_step == step and previous != step
+
+  def forget(self, step: int, checkpoints: epath.Path) -> None:
+    """Drops `step`'s evaluation: its checkpoint failed after it was evaluated (a save in
+    the background), so it is not the best one to keep, and a rerun that trains that step
+    again evaluates it again."""
+    if self.scalars.pop(step, None) is not None:
+      self._update_best()
+      self._write(checkpoints)
+
+  def _write(self, checkpoints: epath.Path):
     data = {"metric": self.metric,
             "steps": {str(s): v for s, v in sorted(self.scalars.items())}}
     if self.best_step is not None:
@@ -380,9 +392,11 @@ class Evaluations:
                       "score": self.score(self.scalars[self.best_step]),
                       "checkpoint": os.fspath(checkpoints / str(self.best_step))}
     if distributed.is_main_process():
+      # Whole or not at all: a disk that fills mid-write leaves the previous file.
+      partial = self.path.parent / f".{self.path.name}.partial"
       with errors.writing(self.path):
-        self.path.write_text(json.dumps(data, indent=2) + "\n")
-    return self.best_step == step and previous != step
+        partial.write_text(json.dumps(data, indent=2) + "\n")
+        partial.replace(self.path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -625,6 +639,10 @@ class _TrainingRun:
     refusal (else as it is: a bug keeps its traceback)."""
     self.saving = None
     discard_failed_save(self.mngr, step)
+    try:
+      self.evaluations.forget(step, epath.Path(self.mngr.directory))
+    except errors.FilesystemError as refused:  # The same full disk: the line below says it.
+      logging.warning("%s", refused)
     translated = errors.filesystem_error(
         error, what=f"checkpoint step {step} could not be written to "
         f"{self.mngr.directory}/{step}")

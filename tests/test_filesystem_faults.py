@@ -9,6 +9,7 @@ the last complete checkpoint is named and a rerun resumes from it.
 """
 
 import errno
+import json
 import os
 import re
 import subprocess
@@ -230,9 +231,18 @@ def test_predict_and_export_into_a_read_only_folder(read_only_folder, trained_qu
 @pytest.mark.parametrize("background", [True, False], ids=["async_save", "sync_save"])
 def test_a_failed_save_stops_training_and_the_rerun_resumes(tmp_path, background):
   workdir = tmp_path / "run"
-  proc = _run(*TRAINING, f"--config.train.async_checkpoints={background}", "--workdir",
-              workdir, fail_step=FAILS_AT)
+  # Step FAILS_AT is evaluated too: in the background its save fails after the evaluation.
+  proc = _run(*TRAINING, f"--config.train.async_checkpoints={background}",
+              f"--config.train.eval_every={FAILS_AT}", "--workdir", workdir,
+              fail_step=FAILS_AT)
   _assert_stopped_at_last_complete_checkpoint(proc, workdir, synchronous=not background)
+  # No evaluation, nor "best", of a checkpoint that is not there.
+  evaluations = workdir / "evaluations.json"
+  if background:
+    assert f"evaluating step {FAILS_AT}" in proc.stderr
+  if evaluations.exists():
+    data = json.loads(evaluations.read_text())
+    assert str(FAILS_AT) not in data["steps"] and "best" not in data, data
   if background:  # The same checkpoint either way; one resume shows it restores.
     _resumes(workdir)
 

@@ -361,3 +361,35 @@ def test_log_lines_are_written_above_the_progress_bar(tmp_path, monkeypatch, cap
     # The bar's line was cleared first ("\r" + blanks + "\r"), not written on.
     assert out[:i].endswith("\r"), repr(out[max(i - 80, 0):i + 20])
   assert "2/4" in out.replace("step 2/4", "")  # The bar itself was drawn.
+
+
+def test_evaluations_json_is_whole_or_the_previous_one(tmp_path, monkeypatch):
+  # A disk that fills while the file is written leaves the previous file, which the rerun
+  # reads; a step forgotten (its checkpoint failed) is no longer the best.
+  import errno
+  import json
+
+  from etils import epath
+
+  from mlseg_jax import errors
+
+  workdir, checkpoints = epath.Path(tmp_path), epath.Path(tmp_path) / "checkpoints"
+  evaluations = train.Evaluations(workdir, "mIoU")
+  evaluations.add(2, {"ss/mIoU": 0.5}, checkpoints)
+  evaluations.add(4, {"ss/mIoU": 0.7}, checkpoints)
+  assert evaluations.best_step == 4
+  evaluations.forget(4, checkpoints)
+  assert train.Evaluations(workdir, "mIoU").best_step == 2
+  before = (tmp_path / "evaluations.json").read_text()
+
+  write_text = type(workdir).write_text
+
+  def half_then_full(self, text, *args, **kwargs):
+    write_text(self, text[:len(text) // 2])
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(type(workdir), "write_text", half_then_full)
+  with pytest.raises(errors.FilesystemError, match="no space left on device"):
+    evaluations.add(6, {"ss/mIoU": 0.9}, checkpoints)
+  assert (tmp_path / "evaluations.json").read_text() == before
+  assert json.loads(before)["best"]["step"] == 2
