@@ -170,6 +170,30 @@ def test_predict_reads_and_writes_a_bucket_as_a_local_directory(gcs_bucket, tmp_
   _no_local_gs_dir(os.getcwd(), tmp_path)
 
 
+def test_a_bucket_workdir_is_checked_before_anything_runs(gcs_bucket, monkeypatch):
+  from mlseg_jax import errors, paths
+
+  run = epath.Path(f"{gcs_bucket}/checked_run")
+  assert paths.writable_directory(run) == run
+  assert not run.exists()  # The probe is gone, and a bucket needs no folder made.
+  missing = "gs://no-such-bucket-here/run"
+  with pytest.raises(errors.UserError) as raised:
+    paths.writable_directory(missing)
+  assert str(raised.value) == (f"--workdir {missing}: the bucket no-such-bucket-here does "
+                               "not exist (or these credentials cannot see it)")
+
+  def forbidden(self, data):  # What gcsfs raises for a 403, e.g. a read-only service account.
+    raise OSError(f"Forbidden: http://storage/upload?name={self.name}\nrunner@p.iam does "
+                  "not have storage.objects.create access to the object.")
+
+  monkeypatch.setattr(type(run), "write_bytes", forbidden)
+  with pytest.raises(errors.UserError) as raised:
+    paths.writable_directory(run, "--output")
+  assert str(raised.value) == (f"--output {run} is not writable with these credentials: "
+                               "runner@p.iam does not have storage.objects.create access to "
+                               "the object.")
+
+
 def test_evaluation_results_are_written_to_a_bucket(gcs_bucket, tmp_path):
   results = {"aAcc": 0.5, "mIoU": 0.25, "mAcc": float("nan"), "IoU": {"a": 0.25},
              "Acc": {"a": float("nan")}}
