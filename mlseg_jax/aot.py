@@ -613,8 +613,14 @@ def main(argv):
     raise errors.UsageError("--config and --topology are required")
   if _HINT.value is not None and not _MAX_BATCH.value:
     raise errors.UsageError("--max_batch_hint needs --max_batch")
+  import jax
+
   from mlseg_jax.configs import validate
 
+  # Compile seconds are what this measures, and a TPU executable written to a persistent
+  # cache (JAX_COMPILATION_CACHE_DIR) cannot be read back without a TPU: each later compile
+  # would warn that the entry is unreadable, and compile anyway.
+  jax.config.update("jax_enable_compilation_cache", False)
   config = _CONFIG.value
   if _BATCH.value is not None:
     config.train.batch_size = _BATCH.value

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TINY
 from mlseg_jax import aot
 from mlseg_jax import errors
 from mlseg_jax.configs import quickstart
@@ -205,8 +205,8 @@ def test_max_batch_is_the_largest_that_fits(monkeypatch):
   assert aot.max_batch_per_chip(config, devices, chip, hint=5)[0] == 0
 
 
-def _aot(*args, block_libtpu=False):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _aot(*args, block_libtpu=False, **env_vars):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env_vars)
   code = ("import sys, runpy; " + ("sys.modules['libtpu'] = None; " if block_libtpu else "")
           + "sys.argv = ['aot'] + sys.argv[1:]; runpy.run_module('mlseg_jax.aot', "
           "run_name='__main__')")
@@ -238,6 +238,17 @@ def test_no_libtpu_is_one_line():
   proc = _aot("--config", "quickstart", "--topology", "v5e-8", block_libtpu=True)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "error: compiling for a TPU needs libtpu: pip install" in proc.stderr
+
+
+def test_the_command_prints_its_table_and_keeps_nothing_in_a_persistent_cache(tmp_path):
+  # A cache the user's environment enables: TPU executables in it could not be read back.
+  cache = tmp_path / "cache"
+  proc = _aot("--config", "quickstart", *TINY, "--topology", "v5e-4", "--noeval",
+              JAX_COMPILATION_CACHE_DIR=str(cache))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "| train step, batch 8 (2 per chip) |" in proc.stdout
+  assert "compilation cache" not in proc.stderr, proc.stderr[-2000:]
+  assert not cache.exists() or not any(cache.iterdir())
 
 
 def test_the_command_and_main_import_into_one_process():
