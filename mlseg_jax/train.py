@@ -394,7 +394,7 @@ class Evaluations:
     if distributed.is_main_process():
       # Whole or not at all: a disk that fills mid-write leaves the previous file.
       partial = self.path.parent / f".{self.path.name}.partial"
-      with errors.writing(self.path):
+      with errors.writing(self.path, what=os.fspath(self.path)):  # Not the partial's name.
         partial.write_text(json.dumps(data, indent=2) + "\n")
         partial.replace(self.path)
 

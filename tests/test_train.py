@@ -386,10 +386,11 @@ def test_evaluations_json_is_whole_or_the_previous_one(tmp_path, monkeypatch):
 
   def half_then_full(self, text, *args, **kwargs):
     write_text(self, text[:len(text) // 2])
-    raise OSError(errno.ENOSPC, "No space left on device")
+    raise OSError(errno.ENOSPC, "No space left on device", os.fspath(self))
 
   monkeypatch.setattr(type(workdir), "write_text", half_then_full)
-  with pytest.raises(errors.FilesystemError, match="no space left on device"):
+  with pytest.raises(errors.FilesystemError) as raised:
     evaluations.add(6, {"ss/mIoU": 0.9}, checkpoints)
+  assert str(raised.value) == f"{tmp_path / 'evaluations.json'}: no space left on device"
   assert (tmp_path / "evaluations.json").read_text() == before
   assert json.loads(before)["best"]["step"] == 2
