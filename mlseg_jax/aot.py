@@ -25,6 +25,7 @@ v4-32 and the like span several hosts. libtpu's own topology strings (`v5e:2x4`)
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import glob
 import json
@@ -247,13 +248,33 @@ class Program:
     return bound, (compute / bound if bound else 0.0)
 
 
+@contextlib.contextmanager
+def _no_persistent_cache():
+  """Compile seconds are what this measures, and a TPU executable written to a persistent
+  cache (the process's, or JAX_COMPILATION_CACHE_DIR) cannot be read back without a TPU:
+  each later compile would warn that the entry is unreadable, and compile anyway."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
+  # A process decides once whether it uses the cache: reset, the setting is read again.
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
 def compile_program(name: str, jitted, args: Sequence[Any], chip: Chip) -> Program:
   """`jitted.lower(*args).compile()` for the slice of `args`' shardings, analysed; a
   program the chip's HBM cannot hold is reported (fits=False), with what it would use (at
   least: where the compiler stopped at the temporaries, they and the arguments)."""
   start = time.perf_counter()
   try:
-    compiled = jitted.lower(*args).compile()
+    with _no_persistent_cache():
+      compiled = jitted.lower(*args).compile()
   except Exception as e:  # noqa: BLE001 -- XLA raises its runtime error type, per version.
     text = str(e)
     used, temps = _OOM_RE.search(text), _OOM_TEMP_RE.search(text)
@@ -613,14 +634,8 @@ def main(argv):
     raise errors.UsageError("--config and --topology are required")
   if _HINT.value is not None and not _MAX_BATCH.value:
     raise errors.UsageError("--max_batch_hint needs --max_batch")
-  import jax
-
   from mlseg_jax.configs import validate
 
-  # Compile seconds are what this measures, and a TPU executable written to a persistent
-  # cache (JAX_COMPILATION_CACHE_DIR) cannot be read back without a TPU: each later compile
-  # would warn that the entry is unreadable, and compile anyway.
-  jax.config.update("jax_enable_compilation_cache", False)
   config = _CONFIG.value
   if _BATCH.value is not None:
     config.train.batch_size = _BATCH.value

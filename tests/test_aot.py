@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,36 @@ def test_collectives_are_counted_with_their_result_bytes():
       "all-reduce": {"count": 1, "bytes": 192 * 4 + 32 * 4},
       "all-gather": {"count": 1, "bytes": 64 * 4 * 2},
       "reduce-scatter": {"count": 1, "bytes": 16}}
+
+
+def test_a_tpu_program_stays_out_of_the_persistent_cache_the_process_has():
+  # conftest's cache is on for the tests, as a user's may be: a TPU executable written to
+  # it cannot be read back on this host, and every later compile would warn so.
+  cache = Path(jax.config.jax_compilation_cache_dir)
+  s = aot.parse_slice("v5e:2x2")
+  mesh = jax.sharding.Mesh(np.array(aot.slice_devices(s)), ("d",))
+  tpu_x = jax.ShapeDtypeStruct(
+      (64, 96), jnp.float32,
+      sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+  cpu_x = jax.ShapeDtypeStruct((64, 96), jnp.float32)
+  salt = float(np.random.default_rng().integers(1, 2 ** 20))  # programs no run cached yet
+
+  def program(scale):
+    def cache_probe(x):  # its name, in its cache entries', tells them from other tests'
+      return jnp.tanh(x @ x.T * scale).sum(0)
+    return jax.jit(cache_probe)
+
+  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  try:
+    before = set(cache.glob("jit_cache_probe-*"))
+    program(salt).lower(cpu_x).compile()  # the process's cache in use, as a user's would be
+    assert aot.compile_program("tiny", program(salt + 1), [tpu_x], s.chip).fits
+    program(salt + 2).lower(cpu_x).compile()  # and still in use after
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+  assert len(set(cache.glob("jit_cache_probe-*")) - before) == 2
+  assert jax.config.jax_enable_compilation_cache
 
 
 def test_a_program_that_does_not_fit_says_by_how_much():
