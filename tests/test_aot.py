@@ -410,3 +410,13 @@ def test_a_search_starts_from_what_the_rows_searched_predict(tmp_path, monkeypat
   searched("segmenter_mlseg_vit_b16_512_320k_coco_lvis", 28)
   assert hint("segmenter_mlseg_vit_b16_512_40k_coco_stuff10k") == round(
       26 * (42 / 45 + 44 / 45) / 2)
+  # Another slice's answer scaled by how the two slices' answers compare, on the models
+  # searched on both that are most like it (ViT-L/16 640 gains more from 32 GiB than
+  # ViT-B/16 512 does), where there are any.
+  (tmp_path / "v4-8").mkdir()
+  searched("segmenter_mlseg_vit_b16_512_160k_ade20k", 53, "v4-8")
+  searched("segmenter_mlseg_vit_l16_640_160k_ade20k", 30, "v4-8")
+  searched("segmenter_mlseg_vit_l16_640_160k_ade20k", 9)
+  searched("segmenter_mlseg_vit_l16_640_40k_coco_stuff10k", 9)
+  assert hint("segmenter_mlseg_vit_l16_640_40k_coco_stuff10k", "v4-8") == 30
+  assert hint("segmenter_vit_b16_512_40k_coco_stuff10k", "v4-8") == round(44 * 53 / 26)
