@@ -115,13 +115,9 @@ def _slice_ratio(model: tuple[str, ...], there: dict, here: dict, by_hbm: float)
   searched on both that share the most parts with `model`, else their HBM's. HBM alone
   misleads: MLSeg ViT-B/16 512 takes 53 per chip on v4-8 (32 GiB) and 26 on v5e-8 (16),
   its ViT-L/16 640 34 and 9."""
-  both = [(sum(a == b for a, b in zip(m, model)), here[m] / there[m])
-          for m in here if m in there]
-  if not both:
-    return by_hbm
-  most = max(shared for shared, _ in both)
-  ratios = [r for shared, r in both if shared == most]
-  return sum(ratios) / len(ratios)
+  ratio = _most_alike([(sum(a == b for a, b in zip(m, model)), here[m] / there[m])
+                       for m in here if m in there])
+  return by_hbm if ratio is None else ratio
 
 
 def _ratio(known: dict, i: int, old: str, new: str, like: tuple) -> float | None:
@@ -132,10 +128,16 @@ def _ratio(known: dict, i: int, old: str, new: str, like: tuple) -> float | None
     y = x[:i] + (new,) + x[i + 1:]
     if x[i] == old and y in known:
       pairs.append((sum(a == b for a, b in zip(x, like)), known[y] / value))
+  return _most_alike(pairs)
+
+
+def _most_alike(pairs: list[tuple[int, float]]) -> float | None:
+  """The mean of the ratios whose models share the most parts with the one asked about:
+  (parts shared, ratio) pairs; None where there are none."""
   if not pairs:
     return None
-  most = max(like for like, _ in pairs)
-  ratios = [r for like, r in pairs if like == most]
+  most = max(shared for shared, _ in pairs)
+  ratios = [r for shared, r in pairs if shared == most]
   return sum(ratios) / len(ratios)
 
 
